@@ -1,0 +1,15 @@
+//! Generated CSI v1.12.0 messages, clients and servers (package `csi.v1`).
+
+#[allow(clippy::all, clippy::pedantic)]
+pub mod csi {
+    pub mod v1 {
+        tonic::include_proto!("csi.v1");
+    }
+}
+
+pub use csi::v1 as csi_v1;
+
+/// The CSI driver name every plinth component reports.
+pub const DRIVER_NAME: &str = "plinth.csi.dev";
+/// Topology key that pins a volume to the node whose pool holds it.
+pub const TOPOLOGY_NODE_KEY: &str = "topology.plinth.csi.dev/node";
