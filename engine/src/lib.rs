@@ -1,1 +1,111 @@
+//! plinth's volume engine. Synchronous by design: callers on an async runtime run engine calls
+//! on blocking threads. See ARCHITECTURE.md for the code map and invariants.
 
+pub mod caps;
+pub mod error;
+pub mod ids;
+pub mod locks;
+pub mod model;
+pub mod mountopts;
+pub mod node;
+pub mod paths;
+pub mod pool;
+pub mod size;
+pub mod store;
+pub mod sys;
+pub mod volumes;
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+pub use error::{Error, Result};
+pub use ids::VolumeId;
+
+use error::Context;
+use locks::OperationLocks;
+use paths::PathPolicy;
+use pool::Pool;
+use store::Store;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Holds `pool/` (images), `volumes/` (records) and `staging/` (standalone staging mounts).
+    pub data_dir: PathBuf,
+    pub node_id: String,
+    /// Roots under which staging and target paths may live.
+    pub allowed_roots: Vec<PathBuf>,
+    pub default_volume_size: u64,
+    /// Optional ceiling on the sum of volume sizes in the pool.
+    pub pool_capacity: Option<u64>,
+    /// Mount options beyond the built-in allowlist that the operator permits (e.g. `suid`).
+    pub allowed_mount_options: Vec<String>,
+    /// Re-create publish bind mounts on start (standalone: nobody else will ask again).
+    pub restore_publications: bool,
+}
+
+#[derive(Debug)]
+pub struct Engine {
+    node_id: String,
+    data_dir: PathBuf,
+    pool: Pool,
+    store: Store,
+    locks: OperationLocks,
+    paths: PathPolicy,
+    default_volume_size: u64,
+    allowed_mount_options: Vec<String>,
+    restore_publications: bool,
+    /// Serialises "check free space, then allocate" so two creates cannot both take the last
+    /// free bytes. Held only around that short step, never around mkfs or mounts.
+    allocation: Mutex<()>,
+}
+
+impl Engine {
+    pub fn open(config: EngineConfig) -> Result<Self> {
+        let data_dir = config.data_dir.clone();
+        std::fs::create_dir_all(&data_dir).context(|| format!("creating data dir {}", data_dir.display()))?;
+        let pool = Pool::open(data_dir.join("pool"), config.pool_capacity)
+            .context(|| format!("opening pool in {}", data_dir.display()))?;
+        let store = Store::open(data_dir.join("volumes")).context(|| format!("opening records in {}", data_dir.display()))?;
+        let paths = PathPolicy::new(config.allowed_roots.iter().cloned())
+            .context(|| format!("preparing allowed roots {:?}", config.allowed_roots))?;
+        Ok(Self {
+            node_id: config.node_id,
+            data_dir,
+            pool,
+            store,
+            locks: OperationLocks::default(),
+            paths,
+            default_volume_size: config.default_volume_size,
+            allowed_mount_options: config.allowed_mount_options,
+            restore_publications: config.restore_publications,
+            allocation: Mutex::new(()),
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    pub fn pool_dir(&self) -> &std::path::Path {
+        self.pool.dir()
+    }
+
+    pub fn allowed_roots(&self) -> &[PathBuf] {
+        self.paths.roots()
+    }
+
+    /// Ready when the pool takes new files and, for node duty, loop devices can be attached.
+    pub fn probe(&self, node_duty: bool) -> Result<()> {
+        if !self.pool.writable() {
+            return Err(Error::FailedPrecondition(format!("pool {} is not writable", self.pool.dir().display())));
+        }
+        if node_duty && !sys::loopdev::control_available() {
+            return Err(Error::FailedPrecondition("/dev/loop-control cannot be opened: loop devices unavailable".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,229 @@
+//! What plinth knows about a volume, as persisted in its metadata record.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::ids::VolumeId;
+use crate::size::MIB;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsType {
+    Ext4,
+    Xfs,
+    Btrfs,
+}
+
+impl FsType {
+    pub const ALL: [FsType; 3] = [FsType::Ext4, FsType::Xfs, FsType::Btrfs];
+
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "ext4" => Ok(FsType::Ext4),
+            "xfs" => Ok(FsType::Xfs),
+            "btrfs" => Ok(FsType::Btrfs),
+            other => Err(Error::InvalidArgument(format!(
+                "unsupported fsType {other:?}: plinth formats ext4, xfs or btrfs"
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+            FsType::Btrfs => "btrfs",
+        }
+    }
+
+    /// The smallest device this machine's mkfs accepts (mkfs.xfs: 300 MB; mkfs.btrfs: 109 MiB).
+    pub fn minimum_bytes(self) -> u64 {
+        match self {
+            FsType::Ext4 => MIB,
+            FsType::Xfs => 300 * MIB,
+            FsType::Btrfs => 109 * MIB,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Provisioning {
+    /// Sparse image: space is taken as data is written.
+    #[default]
+    Thin,
+    /// Preallocated with fallocate: writes never hit ENOSPC in the pool.
+    Thick,
+}
+
+impl Provisioning {
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "thin" => Ok(Provisioning::Thin),
+            "thick" => Ok(Provisioning::Thick),
+            other => Err(Error::InvalidArgument(format!("unsupported provisioning {other:?}: use thin or thick"))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provisioning::Thin => "thin",
+            Provisioning::Thick => "thick",
+        }
+    }
+}
+
+/// How the volume is consumed. Fixed at creation: a block volume is never formatted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Layout {
+    Filesystem { fs_type: FsType },
+    Block,
+}
+
+impl Layout {
+    pub fn fs_type(self) -> Option<FsType> {
+        match self {
+            Layout::Filesystem { fs_type } => Some(fs_type),
+            Layout::Block => None,
+        }
+    }
+}
+
+/// Node-side: the volume is attached and (for filesystems) mounted at its staging path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Staged {
+    pub staging_path: PathBuf,
+    pub device: PathBuf,
+    pub read_only: bool,
+    /// Whether the filesystem is mounted at the staging path (false: attached for block use).
+    #[serde(default)]
+    pub filesystem_mounted: bool,
+    /// The capability's mount flags, kept so a restart can restore the same mount.
+    #[serde(default)]
+    pub mount_flags: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    pub read_only: bool,
+    /// The device node is bound here (raw block access) rather than the staged filesystem.
+    #[serde(default)]
+    pub block: bool,
+    #[serde(default)]
+    pub mount_flags: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub id: VolumeId,
+    pub name: String,
+    pub capacity_bytes: u64,
+    pub layout: Layout,
+    pub provisioning: Provisioning,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    #[serde(default)]
+    pub staged: Option<Staged>,
+    /// Target path → how it is published.
+    #[serde(default)]
+    pub published: BTreeMap<PathBuf, Published>,
+}
+
+impl VolumeRecord {
+    pub fn in_use(&self) -> bool {
+        self.staged.is_some() || !self.published.is_empty()
+    }
+}
+
+impl serde::Serialize for VolumeId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for VolumeId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        VolumeId::parse(&text).ok_or_else(|| serde::de::Error::custom(format!("malformed volume id {text:?}")))
+    }
+}
+
+/// StorageClass / CreateVolume parameters plinth understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VolumeParameters {
+    pub fs_type: Option<FsType>,
+    pub provisioning: Provisioning,
+}
+
+pub const PARAM_FS_TYPE: &str = "fsType";
+pub const PARAM_PROVISIONING: &str = "provisioning";
+/// Keys Kubernetes tooling adds (PVC name, namespace, …); informational, never an error.
+const KUBERNETES_PARAM_PREFIX: &str = "csi.storage.k8s.io/";
+
+impl VolumeParameters {
+    pub fn parse<'a>(params: impl IntoIterator<Item = (&'a String, &'a String)>) -> Result<Self> {
+        let mut parsed = VolumeParameters::default();
+        for (key, value) in params {
+            match key.as_str() {
+                PARAM_FS_TYPE => parsed.fs_type = Some(FsType::parse(value)?),
+                PARAM_PROVISIONING => parsed.provisioning = Provisioning::parse(value)?,
+                k if k.starts_with(KUBERNETES_PARAM_PREFIX) => {}
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "unknown parameter {other:?}: plinth understands {PARAM_FS_TYPE} and {PARAM_PROVISIONING}"
+                    )));
+                }
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn parses_parameters() {
+        let p = VolumeParameters::parse(&params(&[("fsType", "xfs"), ("provisioning", "thick")])).unwrap();
+        assert_eq!(p, VolumeParameters { fs_type: Some(FsType::Xfs), provisioning: Provisioning::Thick });
+        let p = VolumeParameters::parse(&params(&[("csi.storage.k8s.io/pvc/name", "x")])).unwrap();
+        assert_eq!(p, VolumeParameters::default());
+        for bad in [("fsType", "ntfs"), ("provisioning", "fat"), ("color", "blue")] {
+            let err = VolumeParameters::parse(&params(&[bad])).unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument(_)), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn record_round_trips_through_json() {
+        let record = VolumeRecord {
+            id: VolumeId::for_name("a"),
+            name: "a".into(),
+            capacity_bytes: 5 * MIB,
+            layout: Layout::Filesystem { fs_type: FsType::Btrfs },
+            provisioning: Provisioning::Thick,
+            created_at: 1,
+            staged: Some(Staged {
+                staging_path: "/s".into(),
+                device: "/dev/loop1".into(),
+                read_only: false,
+                filesystem_mounted: true,
+                mount_flags: vec!["noatime".into()],
+            }),
+            published: [(PathBuf::from("/t"), Published { read_only: true, block: false, mount_flags: vec![] })].into(),
+        };
+        let json = serde_json::to_string(&record).unwrap();
+        assert_eq!(serde_json::from_str::<VolumeRecord>(&json).unwrap(), record);
+        let tampered = json.replace(record.id.as_str(), "vol-../../x");
+        assert!(serde_json::from_str::<VolumeRecord>(&tampered).is_err());
+    }
+}

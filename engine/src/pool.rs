@@ -1,0 +1,212 @@
+//! The pool directory: one sparse (or preallocated) image file per volume, and the capacity
+//! accounting that keeps the sum of promises within the disk.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Context, Error, Result};
+use crate::ids::VolumeId;
+use crate::model::{Provisioning, VolumeRecord};
+use crate::sys::statfs;
+
+const PARTIAL_SUFFIX: &str = ".img.partial";
+
+#[derive(Debug, Clone)]
+pub struct Pool {
+    dir: PathBuf,
+    /// Optional operator-set ceiling on the sum of volume sizes.
+    capacity_limit: Option<u64>,
+}
+
+/// Capacity figures for GetCapacity and `plinth status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// Bytes a new volume can still be given.
+    pub available_bytes: u64,
+    /// Sum of all volumes' sizes.
+    pub provisioned_bytes: u64,
+    /// Bytes the images actually occupy on disk.
+    pub allocated_bytes: u64,
+    pub filesystem_total_bytes: u64,
+}
+
+/// What is left for new volumes: the filesystem's free space minus what thin volumes may still
+/// claim as they fill up (so no thin volume can hit ENOSPC), capped by the operator's limit.
+pub fn available_bytes(
+    filesystem_available: u64,
+    volumes: impl IntoIterator<Item = (u64, u64)>,
+    capacity_limit: Option<u64>,
+) -> (u64, u64, u64) {
+    let (mut provisioned, mut allocated, mut unclaimed) = (0u64, 0u64, 0u64);
+    for (size, on_disk) in volumes {
+        provisioned = provisioned.saturating_add(size);
+        allocated = allocated.saturating_add(on_disk);
+        unclaimed = unclaimed.saturating_add(size.saturating_sub(on_disk));
+    }
+    let mut available = filesystem_available.saturating_sub(unclaimed);
+    if let Some(limit) = capacity_limit {
+        available = available.min(limit.saturating_sub(provisioned));
+    }
+    (available, provisioned, allocated)
+}
+
+impl Pool {
+    pub fn open(dir: PathBuf, capacity_limit: Option<u64>) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        let dir = std::fs::canonicalize(&dir)?;
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().ends_with(PARTIAL_SUFFIX) {
+                // An image whose creation was interrupted; it was never handed out.
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        Ok(Self { dir, capacity_limit })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn image_path(&self, id: &VolumeId) -> PathBuf {
+        self.dir.join(format!("{id}.img"))
+    }
+
+    pub fn image_exists(&self, id: &VolumeId) -> bool {
+        self.image_path(id).exists()
+    }
+
+    /// Bytes the image occupies on disk (0 when missing).
+    pub fn allocated_bytes(&self, id: &VolumeId) -> u64 {
+        std::fs::metadata(self.image_path(id)).map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+
+    pub fn capacity(&self, records: &[VolumeRecord]) -> Result<Capacity> {
+        let usage = statfs::usage(&self.dir).context(|| format!("statfs {}", self.dir.display()))?;
+        let volumes = records.iter().map(|r| (r.capacity_bytes, self.allocated_bytes(&r.id)));
+        let (available, provisioned, allocated) = available_bytes(usage.available_bytes, volumes, self.capacity_limit);
+        Ok(Capacity {
+            available_bytes: available,
+            provisioned_bytes: provisioned,
+            allocated_bytes: allocated,
+            filesystem_total_bytes: usage.total_bytes,
+        })
+    }
+
+    /// Creates the image under a temporary name and renames it into place only once it has its
+    /// full size (and, for thick volumes, all its blocks), so a visible image is always complete.
+    pub fn create_image(&self, id: &VolumeId, size: u64, provisioning: Provisioning) -> Result<()> {
+        let partial = self.dir.join(format!("{id}{PARTIAL_SUFFIX}"));
+        let result = (|| -> Result<()> {
+            let file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&partial)
+                .context(|| format!("creating {}", partial.display()))?;
+            match provisioning {
+                Provisioning::Thin => file.set_len(size).context(|| format!("sizing {}", partial.display()))?,
+                Provisioning::Thick => preallocate(&file, size).map_err(|e| match e {
+                    nix::Error::ENOSPC => Error::ResourceExhausted(format!(
+                        "the pool filesystem has no room to preallocate {size} bytes for {id}"
+                    )),
+                    other => Error::internal(format!("preallocating {}", partial.display()), other),
+                })?,
+            }
+            file.sync_all().context(|| format!("syncing {}", partial.display()))?;
+            std::fs::rename(&partial, self.image_path(id)).context(|| format!("publishing image of {id}"))?;
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .context(|| format!("syncing {}", self.dir.display()))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        result
+    }
+
+    /// Grows an existing image (thin: set_len; thick: also allocate the new blocks).
+    pub fn grow_image(&self, id: &VolumeId, size: u64, provisioning: Provisioning) -> Result<()> {
+        let path = self.image_path(id);
+        let file = OpenOptions::new().write(true).open(&path).context(|| format!("opening {}", path.display()))?;
+        match provisioning {
+            Provisioning::Thin => file.set_len(size).context(|| format!("growing {}", path.display()))?,
+            Provisioning::Thick => preallocate(&file, size).map_err(|e| match e {
+                nix::Error::ENOSPC => Error::ResourceExhausted(format!("the pool has no room to grow {id} to {size} bytes")),
+                other => Error::internal(format!("growing {}", path.display()), other),
+            })?,
+        }
+        file.sync_all().context(|| format!("syncing {}", path.display()))
+    }
+
+    pub fn remove_image(&self, id: &VolumeId) -> Result<()> {
+        let path = self.image_path(id);
+        match std::fs::remove_file(&path) {
+            Ok(()) => File::open(&self.dir).and_then(|d| d.sync_all()).context(|| format!("syncing {}", self.dir.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).context(|| format!("removing {}", path.display())),
+        }
+    }
+
+    /// Image files with no record: left by a crash between image and record, or by hand.
+    pub fn orphan_images(&self, records: &[VolumeRecord]) -> Result<Vec<PathBuf>> {
+        let mut orphans = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).context(|| format!("listing {}", self.dir.display()))? {
+            let path = entry.context(|| format!("listing {}", self.dir.display()))?.path();
+            let id = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".img"));
+            if let Some(id) = id.and_then(VolumeId::parse)
+                && !records.iter().any(|r| r.id == id)
+            {
+                orphans.push(path);
+            }
+        }
+        Ok(orphans)
+    }
+
+    /// Whether the pool can take new files (for the Identity probe).
+    pub fn writable(&self) -> bool {
+        tempfile::tempfile_in(&self.dir).is_ok()
+    }
+}
+
+fn preallocate(file: &File, size: u64) -> nix::Result<()> {
+    nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), 0, size as libc::off_t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thin_volumes_reserve_what_they_may_still_claim() {
+        // 10 GiB free; a 4 GiB thin volume with 1 GiB written may still claim 3 GiB.
+        let gib = 1u64 << 30;
+        let (available, provisioned, allocated) = available_bytes(10 * gib, [(4 * gib, gib)], None);
+        assert_eq!((available, provisioned, allocated), (7 * gib, 4 * gib, gib));
+        // Thick volumes are fully allocated: nothing further to reserve.
+        assert_eq!(available_bytes(10 * gib, [(4 * gib, 4 * gib)], None).0, 10 * gib);
+        // The operator's ceiling applies to the sum of sizes.
+        assert_eq!(available_bytes(10 * gib, [(4 * gib, 4 * gib)], Some(6 * gib)).0, 2 * gib);
+        assert_eq!(available_bytes(10 * gib, [(8 * gib, 0)], Some(6 * gib)).0, 0);
+        assert_eq!(available_bytes(gib, [(8 * gib, 0)], None).0, 0);
+    }
+
+    #[test]
+    fn creates_thin_and_thick_images_completely() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::open(dir.path().join("pool"), None).unwrap();
+        let (thin, thick) = (VolumeId::for_name("thin"), VolumeId::for_name("thick"));
+        pool.create_image(&thin, 64 << 20, Provisioning::Thin).unwrap();
+        pool.create_image(&thick, 8 << 20, Provisioning::Thick).unwrap();
+        assert_eq!(std::fs::metadata(pool.image_path(&thin)).unwrap().len(), 64 << 20);
+        assert!(pool.allocated_bytes(&thin) < 1 << 20, "thin image must be sparse");
+        assert!(pool.allocated_bytes(&thick) >= 8 << 20, "thick image must be preallocated");
+        let records: Vec<VolumeRecord> = vec![];
+        assert_eq!(pool.orphan_images(&records).unwrap().len(), 2);
+        pool.remove_image(&thin).unwrap();
+        pool.remove_image(&thin).unwrap();
+        pool.remove_image(&thick).unwrap();
+        assert_eq!(std::fs::read_dir(pool.dir()).unwrap().count(), 0);
+    }
+}

@@ -1,0 +1,8 @@
+//! Narrow wrappers around each family of system interfaces plinth uses. Everything above this
+//! module reads as intent ("attach", "mount", "probe"); everything below is syscalls and tools.
+
+pub mod loopdev;
+pub mod mkfs;
+pub mod mount;
+pub mod mountinfo;
+pub mod statfs;

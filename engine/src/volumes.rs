@@ -1,0 +1,227 @@
+//! Controller-side operations on the local pool: create, delete, list, capacity.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::caps::{AccessType, Capability};
+use crate::error::{Error, Result};
+use crate::ids::VolumeId;
+use crate::model::{FsType, Layout, VolumeParameters, VolumeRecord};
+use crate::pool::Capacity;
+use crate::size::{MIB, resolve_capacity};
+use crate::sys::loopdev;
+use crate::Engine;
+
+const MAX_NAME_LEN: usize = 1024;
+
+#[derive(Debug, Clone)]
+pub struct CreateVolume {
+    pub name: String,
+    pub required_bytes: i64,
+    pub limit_bytes: i64,
+    pub capabilities: Vec<Capability>,
+    pub parameters: VolumeParameters,
+    /// Nodes the volume must be accessible from (`None`: no requirement).
+    pub requisite_nodes: Option<Vec<String>>,
+}
+
+/// The layout a create request asks for: a filesystem if any capability mounts it.
+fn layout_for(request: &CreateVolume) -> Result<Layout> {
+    let mut mount_fs: Option<FsType> = None;
+    let mut mounted = false;
+    for cap in &request.capabilities {
+        if let AccessType::Mount { fs_type, .. } = &cap.access_type {
+            mounted = true;
+            if let Some(fs) = fs_type {
+                if mount_fs.is_some_and(|seen| seen != *fs) {
+                    return Err(Error::InvalidArgument("volume capabilities ask for different filesystems".into()));
+                }
+                mount_fs = Some(*fs);
+            }
+        }
+    }
+    if !mounted {
+        return Ok(Layout::Block);
+    }
+    let fs_type = match (mount_fs, request.parameters.fs_type) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(Error::InvalidArgument(format!(
+                "capability fs_type {} conflicts with parameter fsType {}",
+                a.as_str(),
+                b.as_str()
+            )));
+        }
+        (Some(fs), _) | (None, Some(fs)) => fs,
+        (None, None) => FsType::Ext4,
+    };
+    Ok(Layout::Filesystem { fs_type })
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Engine {
+    pub fn create_volume(&self, request: &CreateVolume) -> Result<VolumeRecord> {
+        if request.name.is_empty() {
+            return Err(Error::InvalidArgument("name is required".into()));
+        }
+        if request.name.len() > MAX_NAME_LEN {
+            return Err(Error::InvalidArgument(format!("name is longer than {MAX_NAME_LEN} bytes")));
+        }
+        if request.capabilities.is_empty() {
+            return Err(Error::InvalidArgument("volume_capabilities is required".into()));
+        }
+        let layout = layout_for(request)?;
+        if let Some(nodes) = &request.requisite_nodes
+            && !nodes.iter().any(|n| n == &self.node_id)
+        {
+            return Err(Error::ResourceExhausted(format!(
+                "accessibility requirements exclude node {}, the only node this plinth serves",
+                self.node_id
+            )));
+        }
+        let minimum = layout.fs_type().map_or(MIB, FsType::minimum_bytes);
+        let size = resolve_capacity(request.required_bytes, request.limit_bytes, self.default_volume_size, minimum)?;
+        let id = VolumeId::for_name(&request.name);
+        let _guard = self.locks.try_lock(id.as_str())?;
+
+        if let Some(existing) = self.store.load(&id)? {
+            return self.check_compatible(existing, request, layout);
+        }
+        {
+            let _allocation = self.allocation.lock().unwrap_or_else(|p| p.into_inner());
+            let capacity = self.pool.capacity(&self.store.list()?)?;
+            if size > capacity.available_bytes {
+                return Err(Error::ResourceExhausted(format!(
+                    "pool has {} bytes available, volume {} needs {size}",
+                    capacity.available_bytes, request.name
+                )));
+            }
+            self.pool.create_image(&id, size, request.parameters.provisioning)?;
+        }
+        let record = VolumeRecord {
+            id: id.clone(),
+            name: request.name.clone(),
+            capacity_bytes: size,
+            layout,
+            provisioning: request.parameters.provisioning,
+            created_at: now(),
+            staged: None,
+            published: Default::default(),
+        };
+        if let Err(err) = self.store.save(&record) {
+            let _ = self.pool.remove_image(&id);
+            return Err(err);
+        }
+        tracing::info!(volume_id = %id, name = %record.name, size, layout = ?layout, "volume created");
+        Ok(record)
+    }
+
+    fn check_compatible(&self, existing: VolumeRecord, request: &CreateVolume, layout: Layout) -> Result<VolumeRecord> {
+        let size = existing.capacity_bytes;
+        let required = request.required_bytes.max(0) as u64;
+        let limit = request.limit_bytes.max(0) as u64;
+        let mismatch = if size < required || (limit > 0 && size > limit) {
+            Some(format!("its size {size} is outside the requested range [{required}, {limit}]"))
+        } else if existing.layout != layout {
+            Some(format!("it was created as {:?}, the request asks for {layout:?}", existing.layout))
+        } else if existing.provisioning != request.parameters.provisioning {
+            Some(format!("it is {} provisioned", existing.provisioning.as_str()))
+        } else {
+            None
+        };
+        match mismatch {
+            Some(why) => Err(Error::AlreadyExists(format!(
+                "a volume named {:?} already exists ({}) and is incompatible: {why}",
+                existing.name, existing.id
+            ))),
+            None => Ok(existing),
+        }
+    }
+
+    /// Deletes the volume's image and record. Unknown IDs succeed (already gone). A volume that is
+    /// staged, published or still attached is refused: storage never vanishes under a pod.
+    pub fn delete_volume(&self, raw_id: &str) -> Result<()> {
+        if raw_id.is_empty() {
+            return Err(Error::InvalidArgument("volume_id is required".into()));
+        }
+        let Some(id) = VolumeId::parse(raw_id) else {
+            return Ok(());
+        };
+        let _guard = self.locks.try_lock(id.as_str())?;
+        let record = self.store.load(&id)?;
+        if let Some(record) = &record {
+            if let Some(staged) = &record.staged {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id} is staged at {}{}; unpublish and unstage it before deleting",
+                    staged.staging_path.display(),
+                    if record.published.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" and published at {:?}", record.published.keys().collect::<Vec<_>>())
+                    }
+                )));
+            }
+        }
+        let image = self.pool.image_path(&id);
+        if let Some(device) = loopdev::find_by_backing_file(&image)
+            .map_err(|e| Error::internal(format!("looking for loop devices of {id}"), e))?
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is still attached as {}; unstage it before deleting",
+                device.path().display()
+            )));
+        }
+        self.pool.remove_image(&id)?;
+        self.store.remove(&id)?;
+        if record.is_some() {
+            tracing::info!(volume_id = %id, "volume deleted");
+        }
+        Ok(())
+    }
+
+    /// `None` for IDs plinth never issued or that were deleted.
+    pub fn volume(&self, raw_id: &str) -> Result<Option<VolumeRecord>> {
+        match VolumeId::parse(raw_id) {
+            Some(id) => self.store.load(&id),
+            None => Ok(None),
+        }
+    }
+
+    pub fn volume_by_name(&self, name: &str) -> Result<Option<VolumeRecord>> {
+        self.store.load(&VolumeId::for_name(name))
+    }
+
+    /// One page of volumes in ID order, starting after `starting_token` (the last ID of the
+    /// previous page, so deletions between pages never skip or repeat entries).
+    pub fn list_volumes(&self, starting_token: &str, max_entries: i32) -> Result<(Vec<VolumeRecord>, String)> {
+        if max_entries < 0 {
+            return Err(Error::InvalidArgument(format!("max_entries must not be negative, got {max_entries}")));
+        }
+        let after = match starting_token {
+            "" => None,
+            token => Some(VolumeId::parse(token).ok_or_else(|| {
+                Error::Aborted(format!("starting_token {token:?} was not issued by this plugin; restart the listing"))
+            })?),
+        };
+        let records = self.store.list()?;
+        let mut page: Vec<VolumeRecord> =
+            records.into_iter().filter(|r| after.as_ref().is_none_or(|a| &r.id > a)).collect();
+        let mut next = String::new();
+        if max_entries > 0 && page.len() > max_entries as usize {
+            page.truncate(max_entries as usize);
+            next = page.last().map(|r| r.id.to_string()).unwrap_or_default();
+        }
+        Ok((page, next))
+    }
+
+    /// Capacity of this node's pool. `for_node` is the node a topology segment names, if any.
+    pub fn capacity(&self, for_node: Option<&str>) -> Result<Capacity> {
+        let capacity = self.pool.capacity(&self.store.list()?)?;
+        if for_node.is_some_and(|n| n != self.node_id) {
+            return Ok(Capacity { available_bytes: 0, ..capacity });
+        }
+        Ok(capacity)
+    }
+
+}
