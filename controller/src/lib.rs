@@ -1,1 +1,9 @@
+//! CSI Identity and Controller services over the volume engine, plus the RPC boundary helper
+//! the node service shares.
 
+pub mod controller;
+pub mod identity;
+pub mod rpc;
+
+pub use controller::ControllerService;
+pub use identity::IdentityService;

@@ -1,1 +1,146 @@
+//! CSI Node service: turns stage/publish requests into engine operations.
+
+use std::sync::Arc;
+
+use plinth_controller::controller::node_topology;
+use plinth_controller::rpc;
+use plinth_engine::Engine;
+use plinth_engine::caps::Capability;
+use plinth_engine::node::VolumeStats;
+use plinth_proto::csi_v1::{self as csi, node_server::Node, node_service_capability, volume_usage};
+use tonic::{Request, Response, Status};
+
+pub struct NodeService {
+    engine: Arc<Engine>,
+    max_volumes_per_node: i64,
+}
+
+impl NodeService {
+    pub fn new(engine: Arc<Engine>, max_volumes_per_node: i64) -> Self {
+        Self { engine, max_volumes_per_node }
+    }
+}
+
+fn capability(method: &'static str, cap: Option<&csi::VolumeCapability>) -> Result<Capability, Status> {
+    let cap = cap.ok_or_else(|| rpc::invalid(method, "volume_capability is required"))?;
+    Capability::parse(cap).map_err(|e| rpc::refused(method, e))
+}
+
+fn usage(unit: volume_usage::Unit, total: u64, available: u64, used: u64) -> csi::VolumeUsage {
+    let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
+    csi::VolumeUsage { available: clamp(available), total: clamp(total), used: clamp(used), unit: unit as i32 }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        request: Request<csi::NodeStageVolumeRequest>,
+    ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
+        const METHOD: &str = "NodeStageVolume";
+        let req = request.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(rpc::invalid(METHOD, "volume_id is required"));
+        }
+        let cap = capability(METHOD, req.volume_capability.as_ref())?;
+        let engine = Arc::clone(&self.engine);
+        let (id, staging) = (req.volume_id.clone(), req.staging_target_path);
+        rpc::run(METHOD, &req.volume_id, move || engine.stage_volume(&id, &staging, &cap)).await?;
+        Ok(Response::new(csi::NodeStageVolumeResponse {}))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        request: Request<csi::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let engine = Arc::clone(&self.engine);
+        let (id, staging) = (req.volume_id.clone(), req.staging_target_path);
+        rpc::run("NodeUnstageVolume", &req.volume_id, move || engine.unstage_volume(&id, &staging)).await?;
+        Ok(Response::new(csi::NodeUnstageVolumeResponse {}))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<csi::NodePublishVolumeRequest>,
+    ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
+        const METHOD: &str = "NodePublishVolume";
+        let req = request.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(rpc::invalid(METHOD, "volume_id is required"));
+        }
+        if req.target_path.is_empty() {
+            return Err(rpc::invalid(METHOD, "target_path is required"));
+        }
+        let cap = capability(METHOD, req.volume_capability.as_ref())?;
+        let engine = Arc::clone(&self.engine);
+        let (id, staging, target, readonly) =
+            (req.volume_id.clone(), req.staging_target_path, req.target_path, req.readonly);
+        rpc::run(METHOD, &req.volume_id, move || engine.publish_volume(&id, &staging, &target, &cap, readonly)).await?;
+        Ok(Response::new(csi::NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<csi::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let engine = Arc::clone(&self.engine);
+        let (id, target) = (req.volume_id.clone(), req.target_path);
+        rpc::run("NodeUnpublishVolume", &req.volume_id, move || engine.unpublish_volume(&id, &target)).await?;
+        Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<csi::NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
+        let req = request.into_inner();
+        let engine = Arc::clone(&self.engine);
+        let (id, path) = (req.volume_id.clone(), req.volume_path);
+        let stats = rpc::run("NodeGetVolumeStats", &req.volume_id, move || engine.volume_stats(&id, &path)).await?;
+        let usage = match stats {
+            VolumeStats::Filesystem(fs) => vec![
+                usage(volume_usage::Unit::Bytes, fs.total_bytes, fs.available_bytes, fs.used_bytes()),
+                usage(volume_usage::Unit::Inodes, fs.total_inodes, fs.free_inodes, fs.used_inodes()),
+            ],
+            VolumeStats::Block { total_bytes } => {
+                vec![csi::VolumeUsage { total: total_bytes as i64, unit: volume_usage::Unit::Bytes as i32, ..Default::default() }]
+            }
+        };
+        Ok(Response::new(csi::NodeGetVolumeStatsResponse { usage, volume_condition: None }))
+    }
+
+    async fn node_expand_volume(
+        &self,
+        _: Request<csi::NodeExpandVolumeRequest>,
+    ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
+        Err(Status::unimplemented("NodeExpandVolume is not supported by plinth yet"))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _: Request<csi::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
+        use node_service_capability::rpc::Type;
+        let capabilities = [Type::StageUnstageVolume, Type::GetVolumeStats]
+            .into_iter()
+            .map(|t| csi::NodeServiceCapability {
+                r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc { r#type: t as i32 })),
+            })
+            .collect();
+        Ok(Response::new(csi::NodeGetCapabilitiesResponse { capabilities }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _: Request<csi::NodeGetInfoRequest>,
+    ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
+        Ok(Response::new(csi::NodeGetInfoResponse {
+            node_id: self.engine.node_id().to_owned(),
+            max_volumes_per_node: self.max_volumes_per_node,
+            accessible_topology: Some(node_topology(self.engine.node_id())),
+        }))
+    }
+}
 

@@ -1,0 +1,360 @@
+//! Client verbs: `plinth volume …` and `plinth status`, over the CSI API.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow, bail};
+use plinth_controller::controller::CONTEXT_NAME;
+use plinth_controller::identity::{MANIFEST_POOL, MANIFEST_STAGING_ROOT};
+use plinth_engine::model::{PARAM_FS_TYPE, PARAM_PROVISIONING};
+use plinth_engine::size::format_size;
+use plinth_engine::sys::{loopdev, mountinfo::MountTable};
+use plinth_proto::csi_v1::{self as csi, volume_capability};
+use serde_json::json;
+use tonic::Status;
+
+use crate::cli::{Output, VolumeVerb};
+use crate::client::{Clients, connect};
+
+fn explain(what: &str, status: Status) -> anyhow::Error {
+    anyhow!("{what}: {} ({:?})", status.message(), status.code())
+}
+
+fn capability(fs_type: Option<&str>, read_only: bool) -> csi::VolumeCapability {
+    use volume_capability::access_mode::Mode;
+    let access_type = match fs_type {
+        Some(fs) => volume_capability::AccessType::Mount(volume_capability::MountVolume {
+            fs_type: fs.to_owned(),
+            ..Default::default()
+        }),
+        None => volume_capability::AccessType::Block(volume_capability::BlockVolume {}),
+    };
+    let mode = if read_only { Mode::SingleNodeReaderOnly } else { Mode::SingleNodeWriter };
+    csi::VolumeCapability {
+        access_type: Some(access_type),
+        access_mode: Some(volume_capability::AccessMode { mode: mode as i32 }),
+    }
+}
+
+async fn all_volumes(clients: &mut Clients) -> anyhow::Result<Vec<csi::Volume>> {
+    let mut volumes = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = clients
+            .controller
+            .list_volumes(csi::ListVolumesRequest { max_entries: 100, starting_token: token })
+            .await
+            .map_err(|s| explain("listing volumes", s))?
+            .into_inner();
+        volumes.extend(page.entries.into_iter().filter_map(|e| e.volume));
+        if page.next_token.is_empty() {
+            return Ok(volumes);
+        }
+        token = page.next_token;
+    }
+}
+
+fn name_of(volume: &csi::Volume) -> &str {
+    volume.volume_context.get(CONTEXT_NAME).map(String::as_str).unwrap_or("")
+}
+
+async fn find_by_name(clients: &mut Clients, name: &str) -> anyhow::Result<csi::Volume> {
+    all_volumes(clients)
+        .await?
+        .into_iter()
+        .find(|v| name_of(v) == name)
+        .ok_or_else(|| anyhow!("no volume named {name:?}; see `plinth volume list`"))
+}
+
+async fn manifest(clients: &mut Clients) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    Ok(clients
+        .identity
+        .get_plugin_info(csi::GetPluginInfoRequest {})
+        .await
+        .map_err(|s| explain("asking plinth who it is", s))?
+        .into_inner()
+        .manifest)
+}
+
+async fn staging_path(clients: &mut Clients, volume_id: &str) -> anyhow::Result<String> {
+    let root = manifest(clients)
+        .await?
+        .remove(MANIFEST_STAGING_ROOT)
+        .ok_or_else(|| anyhow!("this plinth does not stage volumes for the CLI; mount/unmount need `plinth standalone`"))?;
+    Ok(format!("{root}/{volume_id}"))
+}
+
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    if path.is_absolute() {
+        return Ok(path.to_owned());
+    }
+    Ok(std::env::current_dir().context("reading the current directory")?.join(path))
+}
+
+fn print_json(value: serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+}
+
+fn volume_json(volume: &csi::Volume, mounts: &[String]) -> serde_json::Value {
+    json!({
+        "name": name_of(volume),
+        "id": volume.volume_id,
+        "capacity_bytes": volume.capacity_bytes,
+        "fs_type": volume.volume_context.get(PARAM_FS_TYPE),
+        "block": !volume.volume_context.contains_key(PARAM_FS_TYPE),
+        "provisioning": volume.volume_context.get(PARAM_PROVISIONING),
+        "mounted_at": mounts,
+    })
+}
+
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+pub async fn volume(endpoint: &str, output: Output, verb: VolumeVerb) -> anyhow::Result<()> {
+    let mut clients = connect(endpoint).await?;
+    match verb {
+        VolumeVerb::Create { name, size, fs, block, thick } => {
+            let fs_type = if block { None } else { Some(fs.unwrap_or_else(|| "ext4".into())) };
+            let mut parameters = std::collections::HashMap::new();
+            parameters.insert(PARAM_PROVISIONING.to_owned(), if thick { "thick" } else { "thin" }.to_owned());
+            if let Some(fs) = &fs_type {
+                parameters.insert(PARAM_FS_TYPE.to_owned(), fs.clone());
+            }
+            let volume = clients
+                .controller
+                .create_volume(csi::CreateVolumeRequest {
+                    name: name.clone(),
+                    capacity_range: Some(csi::CapacityRange { required_bytes: size as i64, limit_bytes: 0 }),
+                    volume_capabilities: vec![capability(fs_type.as_deref(), false)],
+                    parameters,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| explain(&format!("creating volume {name:?}"), s))?
+                .into_inner()
+                .volume
+                .ok_or_else(|| anyhow!("plinth returned no volume"))?;
+            match output {
+                Output::Json => print_json(volume_json(&volume, &[])),
+                Output::Table => println!(
+                    "created {name} ({}, {}, {})",
+                    volume.volume_id,
+                    format_size(volume.capacity_bytes as u64),
+                    fs_type.as_deref().unwrap_or("block")
+                ),
+            }
+        }
+        VolumeVerb::List => {
+            let volumes = all_volumes(&mut clients).await?;
+            let mounts = local_mounts(&mut clients, &volumes).await;
+            match output {
+                Output::Json => {
+                    print_json(json!(volumes.iter().zip(&mounts).map(|(v, m)| volume_json(v, m)).collect::<Vec<_>>()))
+                }
+                Output::Table => print_volumes(&volumes, &mounts),
+            }
+        }
+        VolumeVerb::Mount { name, path, read_only } => {
+            let volume = find_by_name(&mut clients, &name).await?;
+            let staging = staging_path(&mut clients, &volume.volume_id).await?;
+            let target = absolute(&path)?;
+            let cap = capability(volume.volume_context.get(PARAM_FS_TYPE).map(String::as_str), read_only);
+            clients
+                .node
+                .node_stage_volume(csi::NodeStageVolumeRequest {
+                    volume_id: volume.volume_id.clone(),
+                    staging_target_path: staging.clone(),
+                    volume_capability: Some(cap.clone()),
+                    volume_context: volume.volume_context.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| explain(&format!("staging {name}"), s))?;
+            clients
+                .node
+                .node_publish_volume(csi::NodePublishVolumeRequest {
+                    volume_id: volume.volume_id.clone(),
+                    staging_target_path: staging,
+                    target_path: target.display().to_string(),
+                    volume_capability: Some(cap),
+                    readonly: read_only,
+                    volume_context: volume.volume_context.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| explain(&format!("mounting {name} at {}", target.display()), s))?;
+            match output {
+                Output::Json => print_json(json!({"name": name, "id": volume.volume_id, "mounted_at": target})),
+                Output::Table => println!("mounted {name} at {}", target.display()),
+            }
+        }
+        VolumeVerb::Unmount { path } => {
+            let target = absolute(&path)?.display().to_string();
+            let mut owner = None;
+            for volume in all_volumes(&mut clients).await? {
+                let probe = csi::NodeGetVolumeStatsRequest {
+                    volume_id: volume.volume_id.clone(),
+                    volume_path: target.clone(),
+                    ..Default::default()
+                };
+                if clients.node.node_get_volume_stats(probe).await.is_ok() {
+                    owner = Some(volume);
+                    break;
+                }
+            }
+            let volume = owner.ok_or_else(|| anyhow!("no plinth volume is mounted at {target}"))?;
+            clients
+                .node
+                .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                    volume_id: volume.volume_id.clone(),
+                    target_path: target.clone(),
+                })
+                .await
+                .map_err(|s| explain(&format!("unmounting {target}"), s))?;
+            let staging = staging_path(&mut clients, &volume.volume_id).await?;
+            let unstaged = clients
+                .node
+                .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                    volume_id: volume.volume_id.clone(),
+                    staging_target_path: staging,
+                })
+                .await;
+            let name = name_of(&volume).to_owned();
+            match unstaged {
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                    eprintln!("note: {name} stays staged: {}", s.message());
+                }
+                Err(s) => return Err(explain(&format!("unstaging {name}"), s)),
+            }
+            match output {
+                Output::Json => print_json(json!({"name": name, "id": volume.volume_id, "unmounted": target})),
+                Output::Table => println!("unmounted {name} from {target}"),
+            }
+        }
+        VolumeVerb::Delete { name } => {
+            let volume = find_by_name(&mut clients, &name).await?;
+            clients
+                .controller
+                .delete_volume(csi::DeleteVolumeRequest { volume_id: volume.volume_id.clone(), ..Default::default() })
+                .await
+                .map_err(|s| explain(&format!("deleting {name} (unmount it first if it is mounted)"), s))?;
+            match output {
+                Output::Json => print_json(json!({"name": name, "id": volume.volume_id, "deleted": true})),
+                Output::Table => println!("deleted {name}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where each volume is mounted on this machine, read from the local mount table (the CSI API
+/// has no call for it). Empty lists when plinth runs elsewhere.
+async fn local_mounts(clients: &mut Clients, volumes: &[csi::Volume]) -> Vec<Vec<String>> {
+    let pool = manifest(clients).await.ok().and_then(|mut m| m.remove(MANIFEST_POOL));
+    let table = MountTable::read().unwrap_or_default();
+    volumes
+        .iter()
+        .map(|volume| {
+            let Some(pool) = &pool else { return Vec::new() };
+            let image = Path::new(pool).join(format!("{}.img", volume.volume_id));
+            let Some((major, minor)) =
+                loopdev::find_by_backing_file(&image).ok().flatten().and_then(|d| d.dev_numbers())
+            else {
+                return Vec::new();
+            };
+            table.mounts_of_device(major, minor).map(|m| m.mount_point.display().to_string()).collect()
+        })
+        .collect()
+}
+
+fn print_volumes(volumes: &[csi::Volume], mounts: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> = volumes
+        .iter()
+        .zip(mounts)
+        .map(|(v, m)| {
+            vec![
+                name_of(v).to_owned(),
+                v.volume_id.clone(),
+                format_size(v.capacity_bytes as u64),
+                v.volume_context.get(PARAM_FS_TYPE).cloned().unwrap_or_else(|| "block".into()),
+                v.volume_context.get(PARAM_PROVISIONING).cloned().unwrap_or_default(),
+                if m.is_empty() { "-".into() } else { m.join(",") },
+            ]
+        })
+        .collect();
+    print_table(&["NAME", "ID", "SIZE", "TYPE", "PROVISIONING", "MOUNTED AT"], &rows);
+}
+
+pub async fn status(endpoint: &str, output: Output) -> anyhow::Result<()> {
+    let mut clients = connect(endpoint).await?;
+    let info = clients
+        .identity
+        .get_plugin_info(csi::GetPluginInfoRequest {})
+        .await
+        .map_err(|s| explain("asking plinth who it is", s))?
+        .into_inner();
+    let ready = clients.identity.probe(csi::ProbeRequest {}).await;
+    let node = clients
+        .node
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .map(|r| r.into_inner().node_id)
+        .unwrap_or_default();
+    let capacity = clients
+        .controller
+        .get_capacity(csi::GetCapacityRequest::default())
+        .await
+        .map_err(|s| explain("reading pool capacity", s))?
+        .into_inner();
+    let volumes = all_volumes(&mut clients).await?;
+    let mounts = local_mounts(&mut clients, &volumes).await;
+    let provisioned: i64 = volumes.iter().map(|v| v.capacity_bytes).sum();
+    let pool = info.manifest.get(MANIFEST_POOL).cloned().unwrap_or_default();
+    let ready_text = match &ready {
+        Ok(_) => "ready".to_owned(),
+        Err(s) => format!("not ready: {}", s.message()),
+    };
+    match output {
+        Output::Json => print_json(json!({
+            "driver": info.name,
+            "version": info.vendor_version,
+            "node_id": node,
+            "ready": ready.is_ok(),
+            "pool": pool,
+            "available_bytes": capacity.available_capacity,
+            "provisioned_bytes": provisioned,
+            "volumes": volumes.iter().zip(&mounts).map(|(v, m)| volume_json(v, m)).collect::<Vec<_>>(),
+        })),
+        Output::Table => {
+            println!("{} {} on node {node}: {ready_text}", info.name, info.vendor_version);
+            println!(
+                "pool {pool}: {} available, {} provisioned in {} volume(s)",
+                format_size(capacity.available_capacity.max(0) as u64),
+                format_size(provisioned.max(0) as u64),
+                volumes.len()
+            );
+            if !volumes.is_empty() {
+                println!();
+                print_volumes(&volumes, &mounts);
+            }
+        }
+    }
+    if ready.is_err() {
+        bail!("plinth is not ready");
+    }
+    Ok(())
+}

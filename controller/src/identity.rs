@@ -1,0 +1,66 @@
+//! CSI Identity: who we are, what we serve, and whether we are ready.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use plinth_engine::Engine;
+use plinth_proto::DRIVER_NAME;
+use plinth_proto::csi_v1::{
+    GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest, GetPluginInfoResponse,
+    PluginCapability, ProbeRequest, ProbeResponse, identity_server::Identity, plugin_capability,
+};
+use tonic::{Request, Response, Status};
+
+/// Manifest key: where standalone keeps staging mounts (the CLI stages volumes there).
+pub const MANIFEST_STAGING_ROOT: &str = "plinth.csi.dev/staging-root";
+/// Manifest key: the pool directory holding the images.
+pub const MANIFEST_POOL: &str = "plinth.csi.dev/pool";
+
+pub struct IdentityService {
+    engine: Arc<Engine>,
+    serves_controller: bool,
+    serves_node: bool,
+    manifest: HashMap<String, String>,
+}
+
+impl IdentityService {
+    pub fn new(engine: Arc<Engine>, serves_controller: bool, serves_node: bool, manifest: HashMap<String, String>) -> Self {
+        Self { engine, serves_controller, serves_node, manifest }
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn get_plugin_info(&self, _: Request<GetPluginInfoRequest>) -> Result<Response<GetPluginInfoResponse>, Status> {
+        Ok(Response::new(GetPluginInfoResponse {
+            name: DRIVER_NAME.to_owned(),
+            vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
+            manifest: self.manifest.clone(),
+        }))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _: Request<GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
+        use plugin_capability::service::Type;
+        let mut types = vec![Type::VolumeAccessibilityConstraints];
+        if self.serves_controller {
+            types.insert(0, Type::ControllerService);
+        }
+        let capabilities = types
+            .into_iter()
+            .map(|t| PluginCapability {
+                r#type: Some(plugin_capability::Type::Service(plugin_capability::Service { r#type: t as i32 })),
+            })
+            .collect();
+        Ok(Response::new(GetPluginCapabilitiesResponse { capabilities }))
+    }
+
+    async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        let engine = Arc::clone(&self.engine);
+        let node = self.serves_node;
+        crate::rpc::run("Probe", "", move || engine.probe(node)).await?;
+        Ok(Response::new(ProbeResponse { ready: Some(true) }))
+    }
+}
