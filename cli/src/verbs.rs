@@ -271,12 +271,10 @@ async fn local_mounts(clients: &mut Clients, volumes: &[csi::Volume]) -> Vec<Vec
         .map(|volume| {
             let Some(pool) = &pool else { return Vec::new() };
             let image = Path::new(pool).join(format!("{}.img", volume.volume_id));
-            let Some((major, minor)) =
-                loopdev::find_by_backing_file(&image).ok().flatten().and_then(|d| d.dev_numbers())
-            else {
+            let Some(device) = loopdev::find_by_backing_file(&image).ok().flatten() else {
                 return Vec::new();
             };
-            table.mounts_of_device(major, minor).map(|m| m.mount_point.display().to_string()).collect()
+            table.mounts_of_device(&device.path()).map(|m| m.mount_point.display().to_string()).collect()
         })
         .collect()
 }

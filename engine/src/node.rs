@@ -44,11 +44,6 @@ fn mount_table() -> Result<MountTable> {
     MountTable::read().context(|| "reading the mount table".to_owned())
 }
 
-fn dev_numbers(device: LoopDevice) -> Result<(u32, u32)> {
-    device
-        .dev_numbers()
-        .ok_or_else(|| Error::internal("reading device numbers", format!("{} has no sysfs entry", device.path().display())))
-}
 
 /// Creates `path` as a directory (filesystem publish) or an empty file (block publish).
 /// Returns whether it was created here, so a failed publish can remove it again.
@@ -187,9 +182,8 @@ impl Engine {
         mount_flags: &[String],
         read_only: bool,
     ) -> Result<()> {
-        let (major, minor) = dev_numbers(device)?;
         if let Some(existing) = mount_table()?.top_mount_at(staging) {
-            if (existing.major, existing.minor) == (major, minor) {
+            if existing.is_from(&device.path()) {
                 return Ok(());
             }
             return Err(Error::FailedPrecondition(format!(
@@ -236,8 +230,7 @@ impl Engine {
             return Ok(None);
         };
         if staged.filesystem_mounted {
-            let (major, minor) = dev_numbers(device)?;
-            if !table.top_mount_at(staging).is_some_and(|m| (m.major, m.minor) == (major, minor)) {
+            if !table.top_mount_at(staging).is_some_and(|m| m.is_from(&device.path())) {
                 return Ok(None);
             }
         }
@@ -265,7 +258,7 @@ impl Engine {
         let device = self.attached_device(&id)?;
         if let Some(existing) = table.top_mount_at(&staging) {
             let ours = match device {
-                Some(device) => dev_numbers(device)? == (existing.major, existing.minor),
+                Some(device) => existing.is_from(&device.path()),
                 None => record.staged.is_some(),
             };
             if !ours {
@@ -277,9 +270,9 @@ impl Engine {
             mount::unmount(&staging).map_err(|e| Error::internal(format!("unstaging {id}"), e))?;
         }
         if let Some(device) = device {
-            let (major, minor) = dev_numbers(device)?;
             let table = mount_table()?;
-            let others: Vec<&Path> = table.mounts_of_device(major, minor).map(|m| m.mount_point.as_path()).collect();
+            let device_path = device.path();
+            let others: Vec<&Path> = table.mounts_of_device(&device_path).map(|m| m.mount_point.as_path()).collect();
             if !others.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {id} ({}) is still mounted at {others:?}",
@@ -342,8 +335,6 @@ impl Engine {
                 self.attached_device(&id)?.ok_or_else(|| Error::internal("re-staging", "device vanished"))?
             }
         };
-        let (major, minor) = dev_numbers(device)?;
-
         if cap.mode.single_writer() {
             let others: Vec<&PathBuf> =
                 record.published.keys().filter(|t| **t != target && table.is_mount_point(t)).collect();
@@ -354,7 +345,12 @@ impl Engine {
             }
         }
         if let Some(existing) = table.top_mount_at(&target) {
-            let same_device = (existing.major, existing.minor) == (major, minor);
+            // A bound device node shows devtmpfs's numbers, with the node's name as its root.
+            let same_device = if block {
+                existing.root == Path::new("/").join(device.path().file_name().unwrap_or_default())
+            } else {
+                existing.is_from(&device.path())
+            };
             let recorded = record.published.get(&target);
             if same_device && existing.is_read_only() == read_only && recorded.is_none_or(|p| p.block == block) {
                 return Ok(());
@@ -394,8 +390,7 @@ impl Engine {
             let ours = record.published.contains_key(&target)
                 || self
                     .attached_device(&id)?
-                    .and_then(|d| d.dev_numbers())
-                    .is_some_and(|n| n == (existing.major, existing.minor));
+                    .is_some_and(|d| existing.is_from(&d.path()));
             if !ours {
                 return Err(Error::FailedPrecondition(format!(
                     "target path {} holds a mount that is not volume {id}; leaving it alone",
@@ -429,8 +424,7 @@ impl Engine {
             let total_bytes = device.size_bytes().map_err(|e| Error::internal(format!("sizing {id}"), e))?;
             return Ok(VolumeStats::Block { total_bytes });
         }
-        let (major, minor) = dev_numbers(device)?;
-        if !mount_table()?.top_mount_at(&path).is_some_and(|m| (m.major, m.minor) == (major, minor)) {
+        if !mount_table()?.top_mount_at(&path).is_some_and(|m| m.is_from(&device.path())) {
             return Err(not_here());
         }
         statfs::usage(&path).map(VolumeStats::Filesystem).context(|| format!("statfs {}", path.display()))
@@ -466,8 +460,7 @@ impl Engine {
         let _guard = self.locks.try_lock(id.as_str())?;
         let Some(staged) = record.staged.clone() else {
             if let Some(device) = self.attached_device(&id)? {
-                let (major, minor) = dev_numbers(device)?;
-                if mount_table()?.mounts_of_device(major, minor).next().is_none() {
+                if mount_table()?.mounts_of_device(&device.path()).next().is_none() {
                     loopdev::detach(device).map_err(|e| Error::internal("detaching leaked device", e))?;
                     report.detached.push(id.to_string());
                 }

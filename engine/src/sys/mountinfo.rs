@@ -18,6 +18,12 @@ pub struct MountEntry {
 }
 
 impl MountEntry {
+    /// Whether this mount's filesystem comes from `device` (by source, since btrfs reports an
+    /// anonymous device number rather than the block device's).
+    pub fn is_from(&self, device: &Path) -> bool {
+        Path::new(&self.source) == device
+    }
+
     pub fn is_read_only(&self) -> bool {
         self.mount_options.split(',').any(|o| o == "ro")
     }
@@ -122,9 +128,9 @@ impl MountTable {
         self.top_mount_at(path).is_some()
     }
 
-    /// Every mount whose filesystem lives on the block device `major:minor`.
-    pub fn mounts_of_device(&self, major: u32, minor: u32) -> impl Iterator<Item = &MountEntry> {
-        self.entries.iter().filter(move |e| e.major == major && e.minor == minor)
+    /// Every mount whose filesystem was mounted from `device`.
+    pub fn mounts_of_device<'a>(&'a self, device: &'a Path) -> impl Iterator<Item = &'a MountEntry> {
+        self.entries.iter().filter(move |e| e.is_from(device))
     }
 }
 
@@ -167,8 +173,9 @@ mod tests {
         let table = MountTable::from_entries(parse(SAMPLE).unwrap());
         assert_eq!(table.top_mount_at(Path::new("/tmp")).unwrap().mount_id, 36);
         assert!(!table.is_mount_point(Path::new("/tmp/nothing")));
-        assert_eq!(table.mounts_of_device(7, 3).count(), 3);
-        assert_eq!(table.mounts_of_device(7, 4).count(), 0);
+        assert_eq!(table.mounts_of_device(Path::new("/dev/loop3")).count(), 3);
+        assert_eq!(table.mounts_of_device(Path::new("/dev/loop4")).count(), 0);
+        assert!(table.top_mount_at(Path::new("/tmp/bind")).unwrap().is_from(Path::new("/dev/loop3")));
     }
 
     #[test]
