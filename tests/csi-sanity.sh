@@ -34,8 +34,10 @@ run_one() {
     --csi.mountdir "$root/mount" --csi.stagingdir "$root/staging" \
     --csi.testvolumeaccesstype "$access" --csi.testvolumesize "$size" \
     --csi.testnodevolumeattachlimit "${params[@]}" \
-    --ginkgo.no-color --ginkgo.timeout 20m >"$work/sanity.log" 2>&1 || rc=$?
+    --ginkgo.no-color --ginkgo.v --ginkgo.timeout 20m >"$work/sanity.log" 2>&1 || rc=$?
   grep -E '^(Ran |FAIL|SUCCESS|PASS|\[FAIL\])|Passed \| ' "$work/sanity.log" || true
+  # Why specs were skipped (each must be a capability plinth does not advertise).
+  grep -E '^\s+\[SKIPPED\] ' "$work/sanity.log" | grep -v '\[SKIPPED\] in \[' | sed 's/^ *\[SKIPPED\] /  skipped: /' | sort | uniq -c || true
   if [ -n "${SANITY_KEEP_LOG:-}" ]; then cp "$work/sanity.log" "$SANITY_KEEP_LOG.$label"; fi
 
   kill -TERM "$pid" 2>/dev/null || true
