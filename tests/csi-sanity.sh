@@ -9,6 +9,18 @@ repo=$(dirname "$here")
 plinth=${PLINTH_BIN:-$repo/target/debug/plinth}
 sanity=${CSI_SANITY:-$(go env GOPATH)/bin/csi-sanity}
 failed=()
+current_work=""
+
+# Unmounts and detaches whatever a run left below its work dir, then removes it. Runs on every
+# exit path (trap), so an aborted run cleans up too.
+cleanup_run() {
+  local work=$1
+  [ -n "$work" ] && [ -d "$work" ] || return 0
+  grep -F "$work" /proc/self/mountinfo | awk '{print $5}' | sort -r | xargs -r -n1 umount 2>/dev/null || true
+  losetup -a 2>/dev/null | grep -F "$work" | cut -d: -f1 | xargs -r -n1 losetup -d 2>/dev/null || true
+  rm -rf "$work"
+}
+trap 'cleanup_run "$current_work"' EXIT
 
 run_one() {
   local label=$1 access=$2 fstype=$3 size_mib=$4
@@ -17,6 +29,7 @@ run_one() {
   local size=$((size_mib * 1024 * 1024))
   local work
   work=$(mktemp -d /tmp/plinth-sanity-XXXXXX)
+  current_work=$work
   local root=$work/root
   mkdir -p "$root"  # csi-sanity creates mount/ and staging/ itself and fails if they exist
   printf 'fsType: %s\n' "$fstype" >"$work/params.yaml"
@@ -50,14 +63,12 @@ run_one() {
     rc=1
   fi
   if [ "$rc" -ne 0 ]; then
-    echo "--- $label FAILED; csi-sanity output:"; grep -B2 -A25 '\[FAIL\]' "$work/sanity.log" | head -200 || tail -50 "$work/sanity.log"
-    echo "--- plinth log (errors):"; grep -E 'WARN|ERROR' "$work/plinth.log" | tail -20
+    echo "--- $label FAILED; csi-sanity output:"; { grep -B2 -A25 "\[FAIL\]" "$work/sanity.log" || tail -50 "$work/sanity.log"; } | head -200
+    echo "--- plinth log (errors):"; { grep -E 'WARN|ERROR' "$work/plinth.log" || true; } | tail -20
     failed+=("$label")
   fi
-  # Clean up whatever is left, even after a failure.
-  grep -F "$work" /proc/self/mountinfo | awk '{print $5}' | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
-  losetup -a 2>/dev/null | grep -F "$work" | cut -d: -f1 | xargs -r -n1 losetup -d 2>/dev/null || true
-  rm -rf "$work"
+  cleanup_run "$work"
+  current_work=""
 }
 
 selected=${1:-all}

@@ -1,1 +1,305 @@
+//! Test support: a real `plinth standalone` process in a temp dir, CSI clients for it, and RAII
+//! clean-up that leaves no mount, loop device or file behind even when a test fails.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use plinth_proto::csi_v1::{
+    self as csi, controller_client::ControllerClient, identity_client::IdentityClient, node_client::NodeClient,
+    volume_capability,
+};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Integration tests need root (loop devices, mount). CI runs as root; elsewhere they skip loudly.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::is_root() {
+            eprintln!("SKIPPED: needs root (loop devices and mounts)");
+            return;
+        }
+    };
+}
+
+/// The `plinth` binary built next to this test executable.
+pub fn plinth_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("PLINTH_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
+    let bin = dir.join("plinth");
+    assert!(bin.exists(), "{} is missing: run `cargo build --bin plinth` first", bin.display());
+    bin
+}
+
+/// Unmounts everything below `dir` and detaches loop devices backed by files below it.
+pub fn sweep(dir: &Path) {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let mut mounts: Vec<PathBuf> = plinth_engine::sys::mountinfo::parse(&table)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for mount in mounts {
+        let _ = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH);
+    }
+    if let Ok(devices) = plinth_engine::sys::loopdev::attached_devices() {
+        for (device, backing) in devices {
+            if backing.starts_with(dir) {
+                let _ = plinth_engine::sys::loopdev::detach(device);
+            }
+        }
+    }
+}
+
+/// Loop devices whose backing file is below `dir`.
+pub fn loop_devices_under(dir: &Path) -> Vec<PathBuf> {
+    plinth_engine::sys::loopdev::attached_devices()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, backing)| backing.starts_with(dir))
+        .map(|(device, _)| device.path())
+        .collect()
+}
+
+/// Mount points below `dir`.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    plinth_engine::sys::mountinfo::parse(&text)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|p| p.starts_with(dir))
+        .collect()
+}
+
+/// A temp dir holding a plinth data dir and an allowed root; swept and removed on drop.
+pub struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new().prefix("plinth-test-").tempdir_in("/tmp").expect("temp dir");
+        std::fs::create_dir_all(dir.path().join("root")).expect("allowed root");
+        Self { dir }
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn data_dir(&self) -> PathBuf {
+        self.path().join("data")
+    }
+    pub fn root(&self) -> PathBuf {
+        self.path().join("root")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.path().join("csi.sock")
+    }
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+    /// Image files currently in the pool.
+    pub fn pool_images(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.data_dir().join("pool"))
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        sweep(self.dir.path());
+    }
+}
+
+/// A running `plinth standalone`; SIGTERM and reaped on drop.
+pub struct Plinth {
+    child: Option<Child>,
+    socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Plinth {
+    pub fn start(sandbox: &Sandbox, extra: &[&str]) -> Self {
+        let log = sandbox.path().join("plinth.log");
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
+        let child = Command::new(plinth_bin())
+            .arg("--endpoint")
+            .arg(sandbox.endpoint())
+            .arg("standalone")
+            .arg("--data-dir")
+            .arg(sandbox.data_dir())
+            .arg("--allowed-root")
+            .arg(sandbox.root())
+            .arg("--node-id")
+            .arg("test-node")
+            .args(extra)
+            .env("PLINTH_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn plinth");
+        let plinth = Self { child: Some(child), socket: sandbox.socket(), log };
+        plinth.wait_ready();
+        plinth
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("plinth did not start; log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate().expect("plinth was running")
+    }
+
+    /// SIGKILL: a crash, no clean-up of any kind.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub async fn clients(&self) -> Clients {
+        Clients::connect(&self.socket).await
+    }
+}
+
+impl Drop for Plinth {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+#[derive(Clone)]
+pub struct Clients {
+    pub identity: IdentityClient<Channel>,
+    pub controller: ControllerClient<Channel>,
+    pub node: NodeClient<Channel>,
+}
+
+impl Clients {
+    pub async fn connect(socket: &Path) -> Self {
+        let socket = socket.to_owned();
+        let channel = Endpoint::try_from("http://plinth.invalid")
+            .expect("endpoint")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let socket = socket.clone();
+                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+            }))
+            .await
+            .expect("connect to plinth");
+        Self {
+            identity: IdentityClient::new(channel.clone()),
+            controller: ControllerClient::new(channel.clone()),
+            node: NodeClient::new(channel),
+        }
+    }
+}
+
+pub fn mount_cap(fs_type: &str) -> csi::VolumeCapability {
+    mount_cap_with(fs_type, &[], volume_capability::access_mode::Mode::SingleNodeWriter)
+}
+
+pub fn mount_cap_with(
+    fs_type: &str,
+    flags: &[&str],
+    mode: volume_capability::access_mode::Mode,
+) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(volume_capability::AccessType::Mount(volume_capability::MountVolume {
+            fs_type: fs_type.to_owned(),
+            mount_flags: flags.iter().map(|f| f.to_string()).collect(),
+            volume_mount_group: String::new(),
+        })),
+        access_mode: Some(volume_capability::AccessMode { mode: mode as i32 }),
+    }
+}
+
+pub fn block_cap() -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(volume_capability::AccessType::Block(volume_capability::BlockVolume {})),
+        access_mode: Some(volume_capability::AccessMode {
+            mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+pub fn create_request(name: &str, bytes: i64, cap: csi::VolumeCapability) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.to_owned(),
+        capacity_range: Some(csi::CapacityRange { required_bytes: bytes, limit_bytes: 0 }),
+        volume_capabilities: vec![cap],
+        ..Default::default()
+    }
+}
+
+pub fn stage_request(volume_id: &str, staging: &Path, cap: csi::VolumeCapability) -> csi::NodeStageVolumeRequest {
+    csi::NodeStageVolumeRequest {
+        volume_id: volume_id.to_owned(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(cap),
+        ..Default::default()
+    }
+}
+
+pub fn publish_request(
+    volume_id: &str,
+    staging: &Path,
+    target: &Path,
+    cap: csi::VolumeCapability,
+) -> csi::NodePublishVolumeRequest {
+    csi::NodePublishVolumeRequest {
+        volume_id: volume_id.to_owned(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(cap),
+        ..Default::default()
+    }
+}
+
+pub const MIB: i64 = 1 << 20;
