@@ -10,6 +10,7 @@ plinth=${PLINTH_BIN:-$repo/target/debug/plinth}
 sanity=${CSI_SANITY:-$(go env GOPATH)/bin/csi-sanity}
 failed=()
 current_work=""
+total_passed=0 total_failed=0 total_skipped=0
 
 # Unmounts and detaches whatever a run left below its work dir, then removes it. Runs on every
 # exit path (trap), so an aborted run cleans up too.
@@ -49,6 +50,15 @@ run_one() {
     --csi.testnodevolumeattachlimit "${params[@]}" \
     --ginkgo.no-color --ginkgo.v --ginkgo.timeout 20m >"$work/sanity.log" 2>&1 || rc=$?
   grep -E '^(Ran |FAIL|SUCCESS|PASS|\[FAIL\])|Passed \| ' "$work/sanity.log" || true
+  local counts
+  counts=$(grep -E '^(SUCCESS|FAIL)! -- ' "$work/sanity.log" | tail -1 || true)
+  if [[ $counts =~ ([0-9]+)\ Passed\ \|\ ([0-9]+)\ Failed\ \|\ [0-9]+\ Pending\ \|\ ([0-9]+)\ Skipped ]]; then
+    total_passed=$((total_passed + BASH_REMATCH[1]))
+    total_failed=$((total_failed + BASH_REMATCH[2]))
+    total_skipped=$((total_skipped + BASH_REMATCH[3]))
+  else
+    rc=1
+  fi
   # Why specs were skipped (each must be a capability plinth does not advertise).
   grep -E '^\s+\[SKIPPED\] ' "$work/sanity.log" | grep -v '\[SKIPPED\] in \[' | sed 's/^ *\[SKIPPED\] /  skipped: /' | sort | uniq -c || true
   if [ -n "${SANITY_KEEP_LOG:-}" ]; then cp "$work/sanity.log" "$SANITY_KEEP_LOG.$label"; fi
@@ -77,8 +87,8 @@ for config in "mount-ext4 mount ext4 64" "mount-xfs mount xfs 320" "mount-btrfs 
   if [ "$selected" = all ] || [ "$selected" = "$1" ]; then run_one "$@"; fi
 done
 
+echo "csi-sanity: $total_passed passed, $total_failed failed, $total_skipped skipped"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "csi-sanity failed for: ${failed[*]}"
   exit 1
 fi
-echo "csi-sanity: all runs passed"

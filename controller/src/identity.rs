@@ -6,8 +6,9 @@ use std::sync::Arc;
 use plinth_engine::Engine;
 use plinth_proto::DRIVER_NAME;
 use plinth_proto::csi_v1::{
-    GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest, GetPluginInfoResponse,
-    PluginCapability, ProbeRequest, ProbeResponse, identity_server::Identity, plugin_capability,
+    GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest,
+    GetPluginInfoResponse, PluginCapability, ProbeRequest, ProbeResponse,
+    identity_server::Identity, plugin_capability,
 };
 use tonic::{Request, Response, Status};
 
@@ -24,14 +25,27 @@ pub struct IdentityService {
 }
 
 impl IdentityService {
-    pub fn new(engine: Arc<Engine>, serves_controller: bool, serves_node: bool, manifest: HashMap<String, String>) -> Self {
-        Self { engine, serves_controller, serves_node, manifest }
+    pub fn new(
+        engine: Arc<Engine>,
+        serves_controller: bool,
+        serves_node: bool,
+        manifest: HashMap<String, String>,
+    ) -> Self {
+        Self {
+            engine,
+            serves_controller,
+            serves_node,
+            manifest,
+        }
     }
 }
 
 #[tonic::async_trait]
 impl Identity for IdentityService {
-    async fn get_plugin_info(&self, _: Request<GetPluginInfoRequest>) -> Result<Response<GetPluginInfoResponse>, Status> {
+    async fn get_plugin_info(
+        &self,
+        _: Request<GetPluginInfoRequest>,
+    ) -> Result<Response<GetPluginInfoResponse>, Status> {
         Ok(Response::new(GetPluginInfoResponse {
             name: DRIVER_NAME.to_owned(),
             vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -51,10 +65,14 @@ impl Identity for IdentityService {
         let capabilities = types
             .into_iter()
             .map(|t| PluginCapability {
-                r#type: Some(plugin_capability::Type::Service(plugin_capability::Service { r#type: t as i32 })),
+                r#type: Some(plugin_capability::Type::Service(
+                    plugin_capability::Service { r#type: t as i32 },
+                )),
             })
             .collect();
-        Ok(Response::new(GetPluginCapabilitiesResponse { capabilities }))
+        Ok(Response::new(GetPluginCapabilitiesResponse {
+            capabilities,
+        }))
     }
 
     async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {

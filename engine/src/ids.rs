@@ -13,14 +13,20 @@ pub struct VolumeId(String);
 
 impl VolumeId {
     pub fn for_name(name: &str) -> Self {
-        VolumeId(format!("{PREFIX}{}", uuid::Uuid::new_v5(&NAMESPACE, name.as_bytes()).simple()))
+        VolumeId(format!(
+            "{PREFIX}{}",
+            uuid::Uuid::new_v5(&NAMESPACE, name.as_bytes()).simple()
+        ))
     }
 
     /// `None` for anything that is not exactly `vol-` followed by 32 lowercase hex digits.
     pub fn parse(text: &str) -> Option<Self> {
         let hex = text.strip_prefix(PREFIX)?;
-        (hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-            .then(|| VolumeId(text.to_owned()))
+        (hex.len() == 32
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .then(|| VolumeId(text.to_owned()))
     }
 
     pub fn as_str(&self) -> &str {

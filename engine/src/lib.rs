@@ -62,10 +62,12 @@ pub struct Engine {
 impl Engine {
     pub fn open(config: EngineConfig) -> Result<Self> {
         let data_dir = config.data_dir.clone();
-        std::fs::create_dir_all(&data_dir).context(|| format!("creating data dir {}", data_dir.display()))?;
+        std::fs::create_dir_all(&data_dir)
+            .context(|| format!("creating data dir {}", data_dir.display()))?;
         let pool = Pool::open(data_dir.join("pool"), config.pool_capacity)
             .context(|| format!("opening pool in {}", data_dir.display()))?;
-        let store = Store::open(data_dir.join("volumes")).context(|| format!("opening records in {}", data_dir.display()))?;
+        let store = Store::open(data_dir.join("volumes"))
+            .context(|| format!("opening records in {}", data_dir.display()))?;
         let paths = PathPolicy::new(config.allowed_roots.iter().cloned())
             .context(|| format!("preparing allowed roots {:?}", config.allowed_roots))?;
         Ok(Self {
@@ -101,10 +103,15 @@ impl Engine {
     /// Ready when the pool takes new files and, for node duty, loop devices can be attached.
     pub fn probe(&self, node_duty: bool) -> Result<()> {
         if !self.pool.writable() {
-            return Err(Error::FailedPrecondition(format!("pool {} is not writable", self.pool.dir().display())));
+            return Err(Error::FailedPrecondition(format!(
+                "pool {} is not writable",
+                self.pool.dir().display()
+            )));
         }
         if node_duty && !sys::loopdev::control_available() {
-            return Err(Error::FailedPrecondition("/dev/loop-control cannot be opened: loop devices unavailable".into()));
+            return Err(Error::FailedPrecondition(
+                "/dev/loop-control cannot be opened: loop devices unavailable".into(),
+            ));
         }
         Ok(())
     }

@@ -64,7 +64,9 @@ impl Provisioning {
         match text {
             "thin" => Ok(Provisioning::Thin),
             "thick" => Ok(Provisioning::Thick),
-            other => Err(Error::InvalidArgument(format!("unsupported provisioning {other:?}: use thin or thick"))),
+            other => Err(Error::InvalidArgument(format!(
+                "unsupported provisioning {other:?}: use thin or thick"
+            ))),
         }
     }
 
@@ -140,15 +142,21 @@ impl VolumeRecord {
 }
 
 impl serde::Serialize for VolumeId {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
         serializer.serialize_str(self.as_str())
     }
 }
 
 impl<'de> serde::Deserialize<'de> for VolumeId {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        VolumeId::parse(&text).ok_or_else(|| serde::de::Error::custom(format!("malformed volume id {text:?}")))
+        VolumeId::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("malformed volume id {text:?}")))
     }
 }
 
@@ -188,16 +196,30 @@ mod tests {
     use super::*;
 
     fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn parses_parameters() {
-        let p = VolumeParameters::parse(&params(&[("fsType", "xfs"), ("provisioning", "thick")])).unwrap();
-        assert_eq!(p, VolumeParameters { fs_type: Some(FsType::Xfs), provisioning: Provisioning::Thick });
+        let p = VolumeParameters::parse(&params(&[("fsType", "xfs"), ("provisioning", "thick")]))
+            .unwrap();
+        assert_eq!(
+            p,
+            VolumeParameters {
+                fs_type: Some(FsType::Xfs),
+                provisioning: Provisioning::Thick
+            }
+        );
         let p = VolumeParameters::parse(&params(&[("csi.storage.k8s.io/pvc/name", "x")])).unwrap();
         assert_eq!(p, VolumeParameters::default());
-        for bad in [("fsType", "ntfs"), ("provisioning", "fat"), ("color", "blue")] {
+        for bad in [
+            ("fsType", "ntfs"),
+            ("provisioning", "fat"),
+            ("color", "blue"),
+        ] {
             let err = VolumeParameters::parse(&params(&[bad])).unwrap_err();
             assert!(matches!(err, Error::InvalidArgument(_)), "{bad:?}");
         }
@@ -209,7 +231,9 @@ mod tests {
             id: VolumeId::for_name("a"),
             name: "a".into(),
             capacity_bytes: 5 * MIB,
-            layout: Layout::Filesystem { fs_type: FsType::Btrfs },
+            layout: Layout::Filesystem {
+                fs_type: FsType::Btrfs,
+            },
             provisioning: Provisioning::Thick,
             created_at: 1,
             staged: Some(Staged {
@@ -219,7 +243,15 @@ mod tests {
                 filesystem_mounted: true,
                 mount_flags: vec!["noatime".into()],
             }),
-            published: [(PathBuf::from("/t"), Published { read_only: true, block: false, mount_flags: vec![] })].into(),
+            published: [(
+                PathBuf::from("/t"),
+                Published {
+                    read_only: true,
+                    block: false,
+                    mount_flags: vec![],
+                },
+            )]
+            .into(),
         };
         let json = serde_json::to_string(&record).unwrap();
         assert_eq!(serde_json::from_str::<VolumeRecord>(&json).unwrap(), record);

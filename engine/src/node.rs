@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::Engine;
 use crate::caps::{AccessType, Capability};
 use crate::error::{Context, Error, Result};
 use crate::ids::VolumeId;
@@ -16,7 +17,6 @@ use crate::sys::mkfs::{self, Probe};
 use crate::sys::mount::{self, MsFlags};
 use crate::sys::mountinfo::MountTable;
 use crate::sys::statfs;
-use crate::Engine;
 
 /// Figures for NodeGetVolumeStats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +44,6 @@ fn mount_table() -> Result<MountTable> {
     MountTable::read().context(|| "reading the mount table".to_owned())
 }
 
-
 /// Creates `path` as a directory (filesystem publish) or an empty file (block publish).
 /// Returns whether it was created here, so a failed publish can remove it again.
 fn ensure_target(path: &Path, block: bool) -> Result<bool> {
@@ -52,8 +51,13 @@ fn ensure_target(path: &Path, block: bool) -> Result<bool> {
         Ok(meta) if block && meta.is_file() => Ok(false),
         Ok(meta) if !block && meta.is_dir() => Ok(false),
         // A CO that pre-created the target as an empty directory for a block volume.
-        Ok(meta) if block && meta.is_dir() && std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_none()) => {
-            std::fs::remove_dir(path).context(|| format!("replacing directory {}", path.display()))?;
+        Ok(meta)
+            if block
+                && meta.is_dir()
+                && std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_none()) =>
+        {
+            std::fs::remove_dir(path)
+                .context(|| format!("replacing directory {}", path.display()))?;
             ensure_target(path, block)
         }
         Ok(_) => Err(Error::InvalidArgument(format!(
@@ -63,7 +67,11 @@ fn ensure_target(path: &Path, block: bool) -> Result<bool> {
         ))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let created = if block {
-                std::fs::OpenOptions::new().write(true).create_new(true).open(path).map(drop)
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .map(drop)
             } else {
                 std::fs::create_dir(path)
             };
@@ -89,14 +97,21 @@ fn remove_target(path: &Path) -> Result<()> {
 
 impl Engine {
     fn node_volume_id(&self, raw_id: &str) -> Result<VolumeId> {
-        VolumeId::parse(raw_id)
-            .ok_or_else(|| Error::NotFound(format!("volume {raw_id:?} does not exist on node {}", self.node_id)))
+        VolumeId::parse(raw_id).ok_or_else(|| {
+            Error::NotFound(format!(
+                "volume {raw_id:?} does not exist on node {}",
+                self.node_id
+            ))
+        })
     }
 
     fn node_record(&self, id: &VolumeId) -> Result<VolumeRecord> {
-        self.store
-            .load(id)?
-            .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist on node {}", self.node_id)))
+        self.store.load(id)?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "volume {id} does not exist on node {}",
+                self.node_id
+            ))
+        })
     }
 
     fn attached_device(&self, id: &VolumeId) -> Result<Option<LoopDevice>> {
@@ -115,7 +130,12 @@ impl Engine {
         self.stage_locked(&mut record, &staging, cap)
     }
 
-    fn stage_locked(&self, record: &mut VolumeRecord, staging: &Path, cap: &Capability) -> Result<()> {
+    fn stage_locked(
+        &self,
+        record: &mut VolumeRecord,
+        staging: &Path,
+        cap: &Capability,
+    ) -> Result<()> {
         let id = record.id.clone();
         let (mount_fs, mount_flags) = match (&cap.access_type, record.layout) {
             (AccessType::Mount { mount_flags, .. }, Layout::Filesystem { fs_type }) => {
@@ -137,18 +157,22 @@ impl Engine {
         }
         let image = self.pool.image_path(&id);
         if !image.exists() {
-            return Err(Error::FailedPrecondition(format!("the image of volume {id} is missing from the pool")));
+            return Err(Error::FailedPrecondition(format!(
+                "the image of volume {id} is missing from the pool"
+            )));
         }
         let (device, attached_here) = match self.attached_device(&id)? {
             Some(device) => (device, false),
             None => {
-                let device =
-                    loopdev::attach(&image, false).map_err(|e| Error::internal(format!("attaching volume {id}"), e))?;
+                let device = loopdev::attach(&image, false)
+                    .map_err(|e| Error::internal(format!("attaching volume {id}"), e))?;
                 (device, true)
             }
         };
         let mounted = match mount_fs {
-            Some(fs) => self.mount_staging(&id, device, staging, fs, &mount_flags, cap.mode.read_only()),
+            Some(fs) => {
+                self.mount_staging(&id, device, staging, fs, &mount_flags, cap.mode.read_only())
+            }
             None => Ok(()),
         };
         if let Err(err) = mounted {
@@ -202,7 +226,8 @@ impl Engine {
         match mkfs::probe(&dev_path).map_err(|e| Error::internal(format!("probing {id}"), e))? {
             Probe::Blank => {
                 tracing::info!(volume_id = %id, fs = fs.as_str(), "formatting blank volume");
-                mkfs::make_filesystem(&dev_path, fs, &[]).map_err(|e| Error::internal(format!("formatting {id}"), e))?;
+                mkfs::make_filesystem(&dev_path, fs, &[])
+                    .map_err(|e| Error::internal(format!("formatting {id}"), e))?;
             }
             Probe::Filesystem(found) if found == fs.as_str() => {}
             Probe::Filesystem(found) => {
@@ -217,22 +242,35 @@ impl Engine {
                 )));
             }
         }
-        mount::mount_filesystem(&dev_path, staging, fs.as_str(), options.flags, &options.data_string())
-            .map_err(|e| Error::internal(format!("mounting {id}"), e))
+        mount::mount_filesystem(
+            &dev_path,
+            staging,
+            fs.as_str(),
+            options.flags,
+            &options.data_string(),
+        )
+        .map_err(|e| Error::internal(format!("mounting {id}"), e))
     }
 
     /// Whether the volume is staged at `staging` right now (record and reality agree).
-    fn staged_at(&self, record: &VolumeRecord, staging: &Path, table: &MountTable) -> Result<Option<LoopDevice>> {
+    fn staged_at(
+        &self,
+        record: &VolumeRecord,
+        staging: &Path,
+        table: &MountTable,
+    ) -> Result<Option<LoopDevice>> {
         let Some(staged) = record.staged.as_ref().filter(|s| s.staging_path == staging) else {
             return Ok(None);
         };
         let Some(device) = self.attached_device(&record.id)? else {
             return Ok(None);
         };
-        if staged.filesystem_mounted {
-            if !table.top_mount_at(staging).is_some_and(|m| m.is_from(&device.path())) {
-                return Ok(None);
-            }
+        if staged.filesystem_mounted
+            && !table
+                .top_mount_at(staging)
+                .is_some_and(|m| m.is_from(&device.path()))
+        {
+            return Ok(None);
         }
         Ok(Some(device))
     }
@@ -243,13 +281,23 @@ impl Engine {
         let id = self.node_volume_id(raw_id)?;
         let _guard = self.locks.try_lock(id.as_str())?;
         let mut record = self.node_record(&id)?;
-        let staging = self.paths.confine_existing("staging_target_path", staging_raw)?;
-        if record.staged.as_ref().is_some_and(|s| s.staging_path != staging) {
+        let staging = self
+            .paths
+            .confine_existing("staging_target_path", staging_raw)?;
+        if record
+            .staged
+            .as_ref()
+            .is_some_and(|s| s.staging_path != staging)
+        {
             // Staged somewhere else: nothing of this volume lives at this path.
             return Ok(());
         }
         let table = mount_table()?;
-        let live: Vec<&PathBuf> = record.published.keys().filter(|t| table.is_mount_point(t)).collect();
+        let live: Vec<&PathBuf> = record
+            .published
+            .keys()
+            .filter(|t| table.is_mount_point(t))
+            .collect();
         if !live.is_empty() {
             return Err(Error::FailedPrecondition(format!(
                 "volume {id} is still published at {live:?}; unpublish it first"
@@ -272,7 +320,10 @@ impl Engine {
         if let Some(device) = device {
             let table = mount_table()?;
             let device_path = device.path();
-            let others: Vec<&Path> = table.mounts_of_device(&device_path).map(|m| m.mount_point.as_path()).collect();
+            let others: Vec<&Path> = table
+                .mounts_of_device(&device_path)
+                .map(|m| m.mount_point.as_path())
+                .collect();
             if !others.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {id} ({}) is still mounted at {others:?}",
@@ -284,6 +335,10 @@ impl Engine {
         record.staged = None;
         record.published.clear();
         self.store.save(&record)?;
+        if staging.starts_with(self.data_dir.join("staging")) {
+            // Standalone's own staging directories (a CO owns and removes its own).
+            let _ = std::fs::remove_dir(&staging);
+        }
         tracing::info!(volume_id = %id, staging = %staging.display(), "volume unstaged");
         Ok(())
     }
@@ -306,14 +361,20 @@ impl Engine {
         let staging = self.paths.confine("staging_target_path", staging_raw)?;
         let target = self.paths.confine("target_path", target_raw)?;
         if target == staging {
-            return Err(Error::InvalidArgument("target_path must differ from staging_target_path".into()));
+            return Err(Error::InvalidArgument(
+                "target_path must differ from staging_target_path".into(),
+            ));
         }
         let block = matches!(cap.access_type, AccessType::Block);
         let mount_flags = match &cap.access_type {
             AccessType::Mount { mount_flags, .. } => mount_flags.clone(),
             AccessType::Block => Vec::new(),
         };
-        let mut options = mountopts::parse(&mount_flags, if block { None } else { record.layout.fs_type() }, &self.allowed_mount_options)?;
+        let mut options = mountopts::parse(
+            &mount_flags,
+            if block { None } else { record.layout.fs_type() },
+            &self.allowed_mount_options,
+        )?;
         let read_only = readonly || cap.mode.read_only();
         if read_only {
             options.flags |= MsFlags::MS_RDONLY;
@@ -324,20 +385,32 @@ impl Engine {
             Some(device) => device,
             None if block || record.layout == Layout::Block => {
                 // Stage again (kubernetes#106729: publish without stage after a failed unstage).
-                self.stage_locked(&mut record, &staging, &Capability { access_type: AccessType::Block, mode: cap.mode })?;
+                self.stage_locked(
+                    &mut record,
+                    &staging,
+                    &Capability {
+                        access_type: AccessType::Block,
+                        mode: cap.mode,
+                    },
+                )?;
                 table = mount_table()?;
-                self.attached_device(&id)?.ok_or_else(|| Error::internal("re-staging", "device vanished"))?
+                self.attached_device(&id)?
+                    .ok_or_else(|| Error::internal("re-staging", "device vanished"))?
             }
             None => {
                 tracing::info!(volume_id = %id, "not staged at {}; staging again before publish", staging.display());
                 self.stage_locked(&mut record, &staging, cap)?;
                 table = mount_table()?;
-                self.attached_device(&id)?.ok_or_else(|| Error::internal("re-staging", "device vanished"))?
+                self.attached_device(&id)?
+                    .ok_or_else(|| Error::internal("re-staging", "device vanished"))?
             }
         };
         if cap.mode.single_writer() {
-            let others: Vec<&PathBuf> =
-                record.published.keys().filter(|t| **t != target && table.is_mount_point(t)).collect();
+            let others: Vec<&PathBuf> = record
+                .published
+                .keys()
+                .filter(|t| **t != target && table.is_mount_point(t))
+                .collect();
             if !others.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {id} has a single-writer access mode and is already published at {others:?}"
@@ -352,7 +425,10 @@ impl Engine {
                 existing.is_from(&device.path())
             };
             let recorded = record.published.get(&target);
-            if same_device && existing.is_read_only() == read_only && recorded.is_none_or(|p| p.block == block) {
+            if same_device
+                && existing.is_read_only() == read_only
+                && recorded.is_none_or(|p| p.block == block)
+            {
                 return Ok(());
             }
             return Err(Error::AlreadyExists(format!(
@@ -362,14 +438,25 @@ impl Engine {
         }
 
         let created = ensure_target(&target, block)?;
-        let source = if block { device.path() } else { staging.clone() };
+        let source = if block {
+            device.path()
+        } else {
+            staging.clone()
+        };
         if let Err(err) = mount::bind(&source, &target, options.flags) {
             if created {
                 let _ = remove_target(&target);
             }
             return Err(Error::internal(format!("publishing {id}"), err));
         }
-        record.published.insert(target.clone(), Published { read_only, block, mount_flags });
+        record.published.insert(
+            target.clone(),
+            Published {
+                read_only,
+                block,
+                mount_flags,
+            },
+        );
         if let Err(err) = self.store.save(&record) {
             let _ = mount::unmount(&target);
             return Err(err);
@@ -397,7 +484,8 @@ impl Engine {
                     target.display()
                 )));
             }
-            mount::unmount(&target).map_err(|e| Error::internal(format!("unpublishing {id}"), e))?;
+            mount::unmount(&target)
+                .map_err(|e| Error::internal(format!("unpublishing {id}"), e))?;
         }
         remove_target(&target)?;
         if record.published.remove(&target).is_some() {
@@ -413,7 +501,11 @@ impl Engine {
         let id = self.node_volume_id(raw_id)?;
         let record = self.node_record(&id)?;
         let path = PathBuf::from(path_raw);
-        let not_here = || Error::NotFound(format!("{path_raw:?} is not a path where volume {id} is staged or published"));
+        let not_here = || {
+            Error::NotFound(format!(
+                "{path_raw:?} is not a path where volume {id} is staged or published"
+            ))
+        };
         let block = match (record.published.get(&path), &record.staged) {
             (Some(published), _) => published.block,
             (None, Some(staged)) if staged.staging_path == path => !staged.filesystem_mounted,
@@ -421,13 +513,20 @@ impl Engine {
         };
         let device = self.attached_device(&id)?.ok_or_else(not_here)?;
         if block || record.layout == Layout::Block {
-            let total_bytes = device.size_bytes().map_err(|e| Error::internal(format!("sizing {id}"), e))?;
+            let total_bytes = device
+                .size_bytes()
+                .map_err(|e| Error::internal(format!("sizing {id}"), e))?;
             return Ok(VolumeStats::Block { total_bytes });
         }
-        if !mount_table()?.top_mount_at(&path).is_some_and(|m| m.is_from(&device.path())) {
+        if !mount_table()?
+            .top_mount_at(&path)
+            .is_some_and(|m| m.is_from(&device.path()))
+        {
             return Err(not_here());
         }
-        statfs::usage(&path).map(VolumeStats::Filesystem).context(|| format!("statfs {}", path.display()))
+        statfs::usage(&path)
+            .map(VolumeStats::Filesystem)
+            .context(|| format!("statfs {}", path.display()))
     }
 
     /// Brings the node back to what the records say after a restart or reboot: re-attach and
@@ -438,48 +537,82 @@ impl Engine {
         let records = match self.store.list() {
             Ok(records) => records,
             Err(err) => {
-                report.problems.push(format!("listing volumes: {}", err.chain()));
+                report
+                    .problems
+                    .push(format!("listing volumes: {}", err.chain()));
                 return report;
             }
         };
         for record in &records {
             if let Err(err) = self.reconcile_volume(record.clone(), &mut report) {
-                report.problems.push(format!("{}: {}", record.id, err.chain()));
+                report
+                    .problems
+                    .push(format!("{}: {}", record.id, err.chain()));
             }
         }
         if let Ok(orphans) = self.pool.orphan_images(&records) {
             for orphan in orphans {
-                report.problems.push(format!("image {} has no volume record; left in place", orphan.display()));
+                report.problems.push(format!(
+                    "image {} has no volume record; left in place",
+                    orphan.display()
+                ));
             }
         }
         report
     }
 
-    fn reconcile_volume(&self, mut record: VolumeRecord, report: &mut ReconcileReport) -> Result<()> {
+    fn reconcile_volume(
+        &self,
+        mut record: VolumeRecord,
+        report: &mut ReconcileReport,
+    ) -> Result<()> {
         let id = record.id.clone();
         let _guard = self.locks.try_lock(id.as_str())?;
         let Some(staged) = record.staged.clone() else {
-            if let Some(device) = self.attached_device(&id)? {
-                if mount_table()?.mounts_of_device(&device.path()).next().is_none() {
-                    loopdev::detach(device).map_err(|e| Error::internal("detaching leaked device", e))?;
-                    report.detached.push(id.to_string());
-                }
+            if let Some(device) = self.attached_device(&id)?
+                && mount_table()?
+                    .mounts_of_device(&device.path())
+                    .next()
+                    .is_none()
+            {
+                loopdev::detach(device)
+                    .map_err(|e| Error::internal("detaching leaked device", e))?;
+                report.detached.push(id.to_string());
             }
             return Ok(());
         };
-        let mode = if staged.read_only { crate::caps::AccessMode::SingleNodeReaderOnly } else { crate::caps::AccessMode::SingleNodeWriter };
+        let mode = if staged.read_only {
+            crate::caps::AccessMode::SingleNodeReaderOnly
+        } else {
+            crate::caps::AccessMode::SingleNodeWriter
+        };
         let access_type = if staged.filesystem_mounted {
-            AccessType::Mount { fs_type: None, mount_flags: staged.mount_flags.clone(), volume_mount_group: String::new() }
+            AccessType::Mount {
+                fs_type: None,
+                mount_flags: staged.mount_flags.clone(),
+                volume_mount_group: String::new(),
+            }
         } else {
             AccessType::Block
         };
         let table = mount_table()?;
-        if self.staged_at(&record, &staged.staging_path, &table)?.is_none() {
-            self.stage_locked(&mut record, &staged.staging_path, &Capability { access_type, mode })?;
-            report.restored.push(format!("{id} staged at {}", staged.staging_path.display()));
+        if self
+            .staged_at(&record, &staged.staging_path, &table)?
+            .is_none()
+        {
+            self.stage_locked(
+                &mut record,
+                &staged.staging_path,
+                &Capability { access_type, mode },
+            )?;
+            report
+                .restored
+                .push(format!("{id} staged at {}", staged.staging_path.display()));
         }
         let table = mount_table()?;
-        let device = self.attached_device(&id)?.ok_or_else(|| Error::internal("reconcile", "device vanished"))?;
+        let device = self
+            .attached_device(&id)?
+            .ok_or_else(|| Error::internal("reconcile", "device vanished"))?;
         let mut changed = false;
         for (target, published) in record.published.clone() {
             if table.is_mount_point(&target) {
@@ -490,14 +623,25 @@ impl Engine {
                 changed = true;
                 continue;
             }
-            let source = if published.block { device.path() } else { staged.staging_path.clone() };
-            let mut flags = if published.block { MsFlags::MS_NOSUID } else { MsFlags::MS_NOSUID | MsFlags::MS_NODEV };
+            let source = if published.block {
+                device.path()
+            } else {
+                staged.staging_path.clone()
+            };
+            let mut flags = if published.block {
+                MsFlags::MS_NOSUID
+            } else {
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV
+            };
             if published.read_only {
                 flags |= MsFlags::MS_RDONLY;
             }
             ensure_target(&target, published.block)?;
-            mount::bind(&source, &target, flags).map_err(|e| Error::internal("restoring publication", e))?;
-            report.restored.push(format!("{id} published at {}", target.display()));
+            mount::bind(&source, &target, flags)
+                .map_err(|e| Error::internal("restoring publication", e))?;
+            report
+                .restored
+                .push(format!("{id} published at {}", target.display()));
         }
         if changed {
             self.store.save(&record)?;

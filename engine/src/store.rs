@@ -52,12 +52,15 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).context(|| format!("reading {}", path.display())),
         };
-        serde_json::from_slice(&bytes).map(Some).context(|| format!("parsing {}", path.display()))
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .context(|| format!("parsing {}", path.display()))
     }
 
     pub fn save(&self, record: &VolumeRecord) -> Result<()> {
         let path = self.path(&record.id);
-        let bytes = serde_json::to_vec_pretty(record).context(|| format!("encoding {}", record.id))?;
+        let bytes =
+            serde_json::to_vec_pretty(record).context(|| format!("encoding {}", record.id))?;
         write_atomic(&path, &bytes).context(|| format!("writing {}", path.display()))
     }
 
@@ -73,16 +76,28 @@ impl Store {
     /// Every record, ordered by volume ID (the order pagination relies on).
     pub fn list(&self) -> Result<Vec<VolumeRecord>> {
         let mut ids = Vec::new();
-        for entry in std::fs::read_dir(&self.dir).context(|| format!("listing {}", self.dir.display()))? {
+        for entry in
+            std::fs::read_dir(&self.dir).context(|| format!("listing {}", self.dir.display()))?
+        {
             let entry = entry.context(|| format!("listing {}", self.dir.display()))?;
             let name = entry.file_name();
-            if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")).and_then(VolumeId::parse) {
+            if let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".json"))
+                .and_then(VolumeId::parse)
+            {
                 ids.push(id);
             }
         }
         ids.sort();
         // A record removed between listing and loading is simply gone.
-        Ok(ids.iter().map(|id| self.load(id)).collect::<Result<Vec<_>>>()?.into_iter().flatten().collect())
+        Ok(ids
+            .iter()
+            .map(|id| self.load(id))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect())
     }
 }
 
@@ -119,6 +134,11 @@ mod tests {
         store.remove(&a.id).unwrap();
         store.remove(&a.id).unwrap();
         assert_eq!(store.load(&a.id).unwrap(), None);
-        assert_eq!(std::fs::read_dir(dir.path().join("volumes")).unwrap().count(), 1);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("volumes"))
+                .unwrap()
+                .count(),
+            1
+        );
     }
 }

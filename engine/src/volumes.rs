@@ -2,6 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::Engine;
 use crate::caps::{AccessType, Capability};
 use crate::error::{Error, Result};
 use crate::ids::VolumeId;
@@ -9,7 +10,6 @@ use crate::model::{FsType, Layout, VolumeParameters, VolumeRecord};
 use crate::pool::Capacity;
 use crate::size::{MIB, resolve_capacity};
 use crate::sys::loopdev;
-use crate::Engine;
 
 const MAX_NAME_LEN: usize = 1024;
 
@@ -33,7 +33,9 @@ fn layout_for(request: &CreateVolume) -> Result<Layout> {
             mounted = true;
             if let Some(fs) = fs_type {
                 if mount_fs.is_some_and(|seen| seen != *fs) {
-                    return Err(Error::InvalidArgument("volume capabilities ask for different filesystems".into()));
+                    return Err(Error::InvalidArgument(
+                        "volume capabilities ask for different filesystems".into(),
+                    ));
                 }
                 mount_fs = Some(*fs);
             }
@@ -57,7 +59,10 @@ fn layout_for(request: &CreateVolume) -> Result<Layout> {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Engine {
@@ -66,10 +71,14 @@ impl Engine {
             return Err(Error::InvalidArgument("name is required".into()));
         }
         if request.name.len() > MAX_NAME_LEN {
-            return Err(Error::InvalidArgument(format!("name is longer than {MAX_NAME_LEN} bytes")));
+            return Err(Error::InvalidArgument(format!(
+                "name is longer than {MAX_NAME_LEN} bytes"
+            )));
         }
         if request.capabilities.is_empty() {
-            return Err(Error::InvalidArgument("volume_capabilities is required".into()));
+            return Err(Error::InvalidArgument(
+                "volume_capabilities is required".into(),
+            ));
         }
         let layout = layout_for(request)?;
         if let Some(nodes) = &request.requisite_nodes
@@ -81,7 +90,12 @@ impl Engine {
             )));
         }
         let minimum = layout.fs_type().map_or(MIB, FsType::minimum_bytes);
-        let size = resolve_capacity(request.required_bytes, request.limit_bytes, self.default_volume_size, minimum)?;
+        let size = resolve_capacity(
+            request.required_bytes,
+            request.limit_bytes,
+            self.default_volume_size,
+            minimum,
+        )?;
         let id = VolumeId::for_name(&request.name);
         let _guard = self.locks.try_lock(id.as_str())?;
 
@@ -97,7 +111,8 @@ impl Engine {
                     capacity.available_bytes, request.name
                 )));
             }
-            self.pool.create_image(&id, size, request.parameters.provisioning)?;
+            self.pool
+                .create_image(&id, size, request.parameters.provisioning)?;
         }
         let record = VolumeRecord {
             id: id.clone(),
@@ -117,16 +132,29 @@ impl Engine {
         Ok(record)
     }
 
-    fn check_compatible(&self, existing: VolumeRecord, request: &CreateVolume, layout: Layout) -> Result<VolumeRecord> {
+    fn check_compatible(
+        &self,
+        existing: VolumeRecord,
+        request: &CreateVolume,
+        layout: Layout,
+    ) -> Result<VolumeRecord> {
         let size = existing.capacity_bytes;
         let required = request.required_bytes.max(0) as u64;
         let limit = request.limit_bytes.max(0) as u64;
         let mismatch = if size < required || (limit > 0 && size > limit) {
-            Some(format!("its size {size} is outside the requested range [{required}, {limit}]"))
+            Some(format!(
+                "its size {size} is outside the requested range [{required}, {limit}]"
+            ))
         } else if existing.layout != layout {
-            Some(format!("it was created as {:?}, the request asks for {layout:?}", existing.layout))
+            Some(format!(
+                "it was created as {:?}, the request asks for {layout:?}",
+                existing.layout
+            ))
         } else if existing.provisioning != request.parameters.provisioning {
-            Some(format!("it is {} provisioned", existing.provisioning.as_str()))
+            Some(format!(
+                "it is {} provisioned",
+                existing.provisioning.as_str()
+            ))
         } else {
             None
         };
@@ -150,18 +178,21 @@ impl Engine {
         };
         let _guard = self.locks.try_lock(id.as_str())?;
         let record = self.store.load(&id)?;
-        if let Some(record) = &record {
-            if let Some(staged) = &record.staged {
-                return Err(Error::FailedPrecondition(format!(
-                    "volume {id} is staged at {}{}; unpublish and unstage it before deleting",
-                    staged.staging_path.display(),
-                    if record.published.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" and published at {:?}", record.published.keys().collect::<Vec<_>>())
-                    }
-                )));
-            }
+        if let Some(record) = &record
+            && let Some(staged) = &record.staged
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is staged at {}{}; unpublish and unstage it before deleting",
+                staged.staging_path.display(),
+                if record.published.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " and published at {:?}",
+                        record.published.keys().collect::<Vec<_>>()
+                    )
+                }
+            )));
         }
         let image = self.pool.image_path(&id);
         if let Some(device) = loopdev::find_by_backing_file(&image)
@@ -194,19 +225,29 @@ impl Engine {
 
     /// One page of volumes in ID order, starting after `starting_token` (the last ID of the
     /// previous page, so deletions between pages never skip or repeat entries).
-    pub fn list_volumes(&self, starting_token: &str, max_entries: i32) -> Result<(Vec<VolumeRecord>, String)> {
+    pub fn list_volumes(
+        &self,
+        starting_token: &str,
+        max_entries: i32,
+    ) -> Result<(Vec<VolumeRecord>, String)> {
         if max_entries < 0 {
-            return Err(Error::InvalidArgument(format!("max_entries must not be negative, got {max_entries}")));
+            return Err(Error::InvalidArgument(format!(
+                "max_entries must not be negative, got {max_entries}"
+            )));
         }
         let after = match starting_token {
             "" => None,
             token => Some(VolumeId::parse(token).ok_or_else(|| {
-                Error::Aborted(format!("starting_token {token:?} was not issued by this plugin; restart the listing"))
+                Error::Aborted(format!(
+                    "starting_token {token:?} was not issued by this plugin; restart the listing"
+                ))
             })?),
         };
         let records = self.store.list()?;
-        let mut page: Vec<VolumeRecord> =
-            records.into_iter().filter(|r| after.as_ref().is_none_or(|a| &r.id > a)).collect();
+        let mut page: Vec<VolumeRecord> = records
+            .into_iter()
+            .filter(|r| after.as_ref().is_none_or(|a| &r.id > a))
+            .collect();
         let mut next = String::new();
         if max_entries > 0 && page.len() > max_entries as usize {
             page.truncate(max_entries as usize);
@@ -219,9 +260,11 @@ impl Engine {
     pub fn capacity(&self, for_node: Option<&str>) -> Result<Capacity> {
         let capacity = self.pool.capacity(&self.store.list()?)?;
         if for_node.is_some_and(|n| n != self.node_id) {
-            return Ok(Capacity { available_bytes: 0, ..capacity });
+            return Ok(Capacity {
+                available_bytes: 0,
+                ..capacity
+            });
         }
         Ok(capacity)
     }
-
 }

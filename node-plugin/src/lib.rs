@@ -17,18 +17,29 @@ pub struct NodeService {
 
 impl NodeService {
     pub fn new(engine: Arc<Engine>, max_volumes_per_node: i64) -> Self {
-        Self { engine, max_volumes_per_node }
+        Self {
+            engine,
+            max_volumes_per_node,
+        }
     }
 }
 
-fn capability(method: &'static str, cap: Option<&csi::VolumeCapability>) -> Result<Capability, Status> {
+fn capability(
+    method: &'static str,
+    cap: Option<&csi::VolumeCapability>,
+) -> Result<Capability, Status> {
     let cap = cap.ok_or_else(|| rpc::invalid(method, "volume_capability is required"))?;
     Capability::parse(cap).map_err(|e| rpc::refused(method, e))
 }
 
 fn usage(unit: volume_usage::Unit, total: u64, available: u64, used: u64) -> csi::VolumeUsage {
     let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
-    csi::VolumeUsage { available: clamp(available), total: clamp(total), used: clamp(used), unit: unit as i32 }
+    csi::VolumeUsage {
+        available: clamp(available),
+        total: clamp(total),
+        used: clamp(used),
+        unit: unit as i32,
+    }
 }
 
 #[tonic::async_trait]
@@ -45,7 +56,10 @@ impl Node for NodeService {
         let cap = capability(METHOD, req.volume_capability.as_ref())?;
         let engine = Arc::clone(&self.engine);
         let (id, staging) = (req.volume_id.clone(), req.staging_target_path);
-        rpc::run(METHOD, &req.volume_id, move || engine.stage_volume(&id, &staging, &cap)).await?;
+        rpc::run(METHOD, &req.volume_id, move || {
+            engine.stage_volume(&id, &staging, &cap)
+        })
+        .await?;
         Ok(Response::new(csi::NodeStageVolumeResponse {}))
     }
 
@@ -56,7 +70,10 @@ impl Node for NodeService {
         let req = request.into_inner();
         let engine = Arc::clone(&self.engine);
         let (id, staging) = (req.volume_id.clone(), req.staging_target_path);
-        rpc::run("NodeUnstageVolume", &req.volume_id, move || engine.unstage_volume(&id, &staging)).await?;
+        rpc::run("NodeUnstageVolume", &req.volume_id, move || {
+            engine.unstage_volume(&id, &staging)
+        })
+        .await?;
         Ok(Response::new(csi::NodeUnstageVolumeResponse {}))
     }
 
@@ -74,9 +91,16 @@ impl Node for NodeService {
         }
         let cap = capability(METHOD, req.volume_capability.as_ref())?;
         let engine = Arc::clone(&self.engine);
-        let (id, staging, target, readonly) =
-            (req.volume_id.clone(), req.staging_target_path, req.target_path, req.readonly);
-        rpc::run(METHOD, &req.volume_id, move || engine.publish_volume(&id, &staging, &target, &cap, readonly)).await?;
+        let (id, staging, target, readonly) = (
+            req.volume_id.clone(),
+            req.staging_target_path,
+            req.target_path,
+            req.readonly,
+        );
+        rpc::run(METHOD, &req.volume_id, move || {
+            engine.publish_volume(&id, &staging, &target, &cap, readonly)
+        })
+        .await?;
         Ok(Response::new(csi::NodePublishVolumeResponse {}))
     }
 
@@ -87,7 +111,10 @@ impl Node for NodeService {
         let req = request.into_inner();
         let engine = Arc::clone(&self.engine);
         let (id, target) = (req.volume_id.clone(), req.target_path);
-        rpc::run("NodeUnpublishVolume", &req.volume_id, move || engine.unpublish_volume(&id, &target)).await?;
+        rpc::run("NodeUnpublishVolume", &req.volume_id, move || {
+            engine.unpublish_volume(&id, &target)
+        })
+        .await?;
         Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
     }
 
@@ -98,24 +125,46 @@ impl Node for NodeService {
         let req = request.into_inner();
         let engine = Arc::clone(&self.engine);
         let (id, path) = (req.volume_id.clone(), req.volume_path);
-        let stats = rpc::run("NodeGetVolumeStats", &req.volume_id, move || engine.volume_stats(&id, &path)).await?;
+        let stats = rpc::run("NodeGetVolumeStats", &req.volume_id, move || {
+            engine.volume_stats(&id, &path)
+        })
+        .await?;
         let usage = match stats {
             VolumeStats::Filesystem(fs) => vec![
-                usage(volume_usage::Unit::Bytes, fs.total_bytes, fs.available_bytes, fs.used_bytes()),
-                usage(volume_usage::Unit::Inodes, fs.total_inodes, fs.free_inodes, fs.used_inodes()),
+                usage(
+                    volume_usage::Unit::Bytes,
+                    fs.total_bytes,
+                    fs.available_bytes,
+                    fs.used_bytes(),
+                ),
+                usage(
+                    volume_usage::Unit::Inodes,
+                    fs.total_inodes,
+                    fs.free_inodes,
+                    fs.used_inodes(),
+                ),
             ],
             VolumeStats::Block { total_bytes } => {
-                vec![csi::VolumeUsage { total: total_bytes as i64, unit: volume_usage::Unit::Bytes as i32, ..Default::default() }]
+                vec![csi::VolumeUsage {
+                    total: total_bytes as i64,
+                    unit: volume_usage::Unit::Bytes as i32,
+                    ..Default::default()
+                }]
             }
         };
-        Ok(Response::new(csi::NodeGetVolumeStatsResponse { usage, volume_condition: None }))
+        Ok(Response::new(csi::NodeGetVolumeStatsResponse {
+            usage,
+            volume_condition: None,
+        }))
     }
 
     async fn node_expand_volume(
         &self,
         _: Request<csi::NodeExpandVolumeRequest>,
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented("NodeExpandVolume is not supported by plinth yet"))
+        Err(Status::unimplemented(
+            "NodeExpandVolume is not supported by plinth yet",
+        ))
     }
 
     async fn node_get_capabilities(
@@ -126,10 +175,14 @@ impl Node for NodeService {
         let capabilities = [Type::StageUnstageVolume, Type::GetVolumeStats]
             .into_iter()
             .map(|t| csi::NodeServiceCapability {
-                r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc { r#type: t as i32 })),
+                r#type: Some(node_service_capability::Type::Rpc(
+                    node_service_capability::Rpc { r#type: t as i32 },
+                )),
             })
             .collect();
-        Ok(Response::new(csi::NodeGetCapabilitiesResponse { capabilities }))
+        Ok(Response::new(csi::NodeGetCapabilitiesResponse {
+            capabilities,
+        }))
     }
 
     async fn node_get_info(
@@ -143,4 +196,3 @@ impl Node for NodeService {
         }))
     }
 }
-

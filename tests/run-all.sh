@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# plinth's whole test suite on a fresh Debian machine, as root: installs what it needs (Debian
+# packages, rustfmt/clippy, csi-sanity), then lint, unit tests, integration tests on real loop
+# devices and mounts, and csi-sanity for ext4, xfs, btrfs and block.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CSI_SANITY_VERSIONS=(v5.5.0 v5.4.0)   # the first the Go module proxy serves wins
+CACHE=${PLINTH_TEST_CACHE:-/var/cache/plinth-test}
+export PATH="$PATH:/usr/local/go/bin:$HOME/.cargo/bin"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "run the test suite as root: it attaches loop devices and mounts filesystems" >&2
+  exit 1
+fi
+
+step "system packages"
+missing=()
+for pair in mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs blkid:util-linux losetup:mount \
+            modprobe:kmod; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+done
+if ! command -v go >/dev/null 2>&1; then missing+=(golang-go); fi
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+[ -e /dev/loop-control ] || modprobe loop
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo is missing: install Rust (rustup) first" >&2
+  exit 1
+fi
+if command -v rustup >/dev/null 2>&1; then
+  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+fi
+
+step "csi-sanity"
+CSI_SANITY=""
+for version in "${CSI_SANITY_VERSIONS[@]}"; do
+  bin_dir=$CACHE/csi-sanity-$version
+  if [ -x "$bin_dir/csi-sanity" ] || GOBIN=$bin_dir GOFLAGS=-mod=mod \
+      go install "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$version"; then
+    CSI_SANITY=$bin_dir/csi-sanity
+    echo "using csi-sanity $version ($CSI_SANITY)"
+    break
+  fi
+done
+[ -n "$CSI_SANITY" ] || { echo "could not install csi-sanity" >&2; exit 1; }
+export CSI_SANITY
+
+step "format and lint"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build"
+cargo build --workspace --all-targets --locked
+
+step "unit and integration tests"
+cargo test --workspace --locked
+
+step "csi-sanity against plinth standalone"
+PLINTH_BIN=$PWD/target/debug/plinth tests/csi-sanity.sh
+
+step "leak check"
+if losetup -a | grep -q 'plinth-'; then echo "loop devices left behind:"; losetup -a; exit 1; fi
+if grep -q '/tmp/plinth-' /proc/self/mountinfo; then echo "mounts left behind:"; grep '/tmp/plinth-' /proc/self/mountinfo; exit 1; fi
+echo "no loop devices or mounts left behind"
