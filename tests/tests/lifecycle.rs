@@ -401,6 +401,20 @@ async fn filesystem_stats_and_readonly_publish() {
     delete(&mut clients, &volume.volume_id).await;
 }
 
+/// Whether the pool's filesystem accepts O_DIRECT (tmpfs, for one, does not).
+fn pool_supports_direct_io(sandbox: &Sandbox) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let probe = sandbox.data_dir().join("pool").join(".dio-probe");
+    let supported = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+        .open(&probe)
+        .is_ok();
+    let _ = std::fs::remove_file(probe);
+    supported
+}
+
 fn libc_erofs() -> i32 {
     30 // EROFS
 }
