@@ -277,6 +277,12 @@ async fn block_volume_round_trips_bytes_through_its_device() {
         block_cap(),
     )
     .await;
+    let devices = loop_devices_under(sandbox.path());
+    assert_eq!(devices.len(), 1);
+    let device = plinth_engine::sys::loopdev::LoopDevice::from_path(&devices[0]).unwrap();
+    if pool_supports_direct_io(&sandbox) {
+        assert!(device.direct_io(), "the loop device must bypass the page cache (direct I/O)");
+    }
     {
         let mut device = std::fs::OpenOptions::new()
             .read(true)
