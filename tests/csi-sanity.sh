@@ -34,8 +34,9 @@ run_one() {
   local root=$work/root
   mkdir -p "$root"  # csi-sanity creates mount/ and staging/ itself and fails if they exist
   printf 'fsType: %s\n' "$fstype" >"$work/params.yaml"
-  local params=()
-  [ "$access" = mount ] && params=(--csi.testvolumeparameters "$work/params.yaml")
+  printf 'provisioning: thick\n' >"$work/mutable.yaml"
+  local params=(--csi.testvolumemutableparameters "$work/mutable.yaml" --csi.testvolumeexpandsize $((2 * size)))
+  [ "$access" = mount ] && params+=(--csi.testvolumeparameters "$work/params.yaml")
 
   "$plinth" standalone --data-dir "$work/data" --allowed-root "$root" --node-id sanity-node \
     --max-volumes-per-node 16 --endpoint "unix://$work/csi.sock" >"$work/plinth.log" 2>&1 &

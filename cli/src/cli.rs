@@ -8,11 +8,7 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/plinth";
 pub const SOCKET_NAME: &str = "csi.sock";
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "plinth",
-    version,
-    about = "plinth: local-storage CSI driver (plinth.csi.dev)"
-)]
+#[command(name = "plinth", version, about = "plinth: local-storage CSI driver (plinth.csi.dev)")]
 pub struct Args {
     /// CSI endpoint, e.g. unix:///var/lib/plinth/csi.sock (servers default to <data-dir>/csi.sock).
     #[arg(long, global = true, env = "PLINTH_ENDPOINT")]
@@ -31,9 +27,7 @@ pub struct Args {
 
 impl Args {
     pub fn endpoint_or_default(&self) -> String {
-        self.endpoint
-            .clone()
-            .unwrap_or_else(|| format!("unix://{DEFAULT_DATA_DIR}/{SOCKET_NAME}"))
+        self.endpoint.clone().unwrap_or_else(|| format!("unix://{DEFAULT_DATA_DIR}/{SOCKET_NAME}"))
     }
 }
 
@@ -66,10 +60,7 @@ pub enum Command {
 
 impl Command {
     pub fn is_server(&self) -> bool {
-        matches!(
-            self,
-            Command::Controller(_) | Command::Node(_) | Command::Standalone(_)
-        )
+        matches!(self, Command::Controller(_) | Command::Node(_) | Command::Standalone(_))
     }
 }
 

@@ -22,15 +22,11 @@ pub async fn connect(endpoint: &str) -> anyhow::Result<Clients> {
     let channel = Endpoint::try_from("http://plinth.invalid")?
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
         }))
         .await
         .with_context(|| {
-            format!(
-                "cannot reach plinth at {shown}: is `plinth standalone` running (and are you root)?"
-            )
+            format!("cannot reach plinth at {shown}: is `plinth standalone` running (and are you root)?")
         })?;
     Ok(Clients {
         identity: IdentityClient::new(channel.clone()),

@@ -10,15 +10,8 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let args = cli::Args::parse();
-    logging::init(
-        args.log_level.as_deref(),
-        args.log_format,
-        args.command.is_server(),
-    );
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    logging::init(args.log_level.as_deref(), args.log_format, args.command.is_server());
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: starting the async runtime: {err}");
@@ -38,13 +31,9 @@ async fn run(args: cli::Args) -> anyhow::Result<()> {
     use cli::Command;
     let client_endpoint = args.endpoint_or_default();
     match args.command {
-        Command::Controller(opts) => {
-            server::serve(args.endpoint, opts, server::Mode::Controller).await
-        }
+        Command::Controller(opts) => server::serve(args.endpoint, opts, server::Mode::Controller).await,
         Command::Node(opts) => server::serve(args.endpoint, opts, server::Mode::Node).await,
-        Command::Standalone(opts) => {
-            server::serve(args.endpoint, opts, server::Mode::Standalone).await
-        }
+        Command::Standalone(opts) => server::serve(args.endpoint, opts, server::Mode::Standalone).await,
         Command::Volume(verb) => verbs::volume(&client_endpoint, args.output, verb).await,
         Command::Status => verbs::status(&client_endpoint, args.output).await,
     }

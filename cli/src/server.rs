@@ -7,15 +7,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use nix::sys::socket::{
-    AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
-};
+use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket};
 use plinth_controller::identity::{MANIFEST_POOL, MANIFEST_STAGING_ROOT};
-use plinth_controller::{ControllerService, IdentityService};
+use plinth_controller::{ControllerService, GroupControllerService, IdentityService};
 use plinth_engine::{Engine, EngineConfig};
 use plinth_node::NodeService;
 use plinth_proto::csi_v1::{
-    controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
+    controller_server::ControllerServer, group_controller_server::GroupControllerServer,
+    identity_server::IdentityServer, node_server::NodeServer,
 };
 use tokio_stream::wrappers::UnixListenerStream;
 
@@ -39,62 +38,39 @@ impl Mode {
 
 /// `unix:///path`, `unix:/path` or a bare absolute path.
 pub fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
-    let path = endpoint
-        .strip_prefix("unix://")
-        .or_else(|| endpoint.strip_prefix("unix:"))
-        .unwrap_or(endpoint);
+    let path = endpoint.strip_prefix("unix://").or_else(|| endpoint.strip_prefix("unix:")).unwrap_or(endpoint);
     if !path.starts_with('/') {
-        bail!(
-            "endpoint {endpoint:?} must be a unix socket path such as unix:///var/lib/plinth/csi.sock"
-        );
+        bail!("endpoint {endpoint:?} must be a unix socket path such as unix:///var/lib/plinth/csi.sock");
     }
     Ok(PathBuf::from(path))
 }
 
 fn hostname() -> anyhow::Result<String> {
-    Ok(nix::unistd::gethostname()
-        .context("reading the hostname")?
-        .to_string_lossy()
-        .into_owned())
+    Ok(nix::unistd::gethostname().context("reading the hostname")?.to_string_lossy().into_owned())
 }
 
 /// Binds the socket with 0600 permissions before anyone can connect.
 fn bind_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 bail!("another process is already serving on {}", path.display());
             }
-            std::fs::remove_file(path)
-                .with_context(|| format!("removing stale socket {}", path.display()))?;
+            std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
         }
-        Ok(_) => bail!(
-            "{} exists and is not a socket; refusing to replace it",
-            path.display()
-        ),
+        Ok(_) => bail!("{} exists and is not a socket; refusing to replace it", path.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
     }
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .context("creating socket")?;
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &UnixAddr::new(path).context("socket path")?,
-    )
-    .with_context(|| format!("binding {}", path.display()))?;
+    let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).context("creating socket")?;
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &UnixAddr::new(path).context("socket path")?)
+        .with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", path.display()))?;
-    listen(&fd, Backlog::new(128).context("backlog")?)
-        .with_context(|| format!("listening on {}", path.display()))?;
+    listen(&fd, Backlog::new(128).context("backlog")?).with_context(|| format!("listening on {}", path.display()))?;
     let listener = std::os::unix::net::UnixListener::from(fd);
     listener.set_nonblocking(true)?;
     Ok(tokio::net::UnixListener::from_std(listener)?)
@@ -116,8 +92,7 @@ async fn shutdown_signal() {
 }
 
 pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> anyhow::Result<()> {
-    let endpoint =
-        endpoint.unwrap_or_else(|| format!("unix://{}/{SOCKET_NAME}", opts.data_dir.display()));
+    let endpoint = endpoint.unwrap_or_else(|| format!("unix://{}/{SOCKET_NAME}", opts.data_dir.display()));
     let socket = socket_path(&endpoint)?;
     let node_id = match opts.node_id {
         Some(id) if !id.is_empty() => id,
@@ -158,31 +133,14 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
         }
     }
 
-    let mut manifest = HashMap::from([(
-        MANIFEST_POOL.to_owned(),
-        engine.pool_dir().display().to_string(),
-    )]);
+    let mut manifest = HashMap::from([(MANIFEST_POOL.to_owned(), engine.pool_dir().display().to_string())]);
     if mode == Mode::Standalone {
-        manifest.insert(
-            MANIFEST_STAGING_ROOT.to_owned(),
-            staging_root.display().to_string(),
-        );
+        manifest.insert(MANIFEST_STAGING_ROOT.to_owned(), staging_root.display().to_string());
     }
-    let identity = IdentityService::new(
-        Arc::clone(&engine),
-        mode.controller(),
-        mode.node(),
-        manifest,
-    );
-    let controller = mode
-        .controller()
-        .then(|| ControllerServer::new(ControllerService::new(Arc::clone(&engine))));
-    let node = mode.node().then(|| {
-        NodeServer::new(NodeService::new(
-            Arc::clone(&engine),
-            opts.max_volumes_per_node,
-        ))
-    });
+    let identity = IdentityService::new(Arc::clone(&engine), mode.controller(), mode.node(), manifest);
+    let controller = mode.controller().then(|| ControllerServer::new(ControllerService::new(Arc::clone(&engine))));
+    let group = mode.controller().then(|| GroupControllerServer::new(GroupControllerService::new(Arc::clone(&engine))));
+    let node = mode.node().then(|| NodeServer::new(NodeService::new(Arc::clone(&engine), opts.max_volumes_per_node)));
 
     let listener = bind_socket(&socket)?;
     tracing::info!(
@@ -192,6 +150,7 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
     let result = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))
         .add_optional_service(controller)
+        .add_optional_service(group)
         .add_optional_service(node)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
         .await;
@@ -207,18 +166,9 @@ mod tests {
 
     #[test]
     fn parses_endpoints() {
-        assert_eq!(
-            socket_path("unix:///a/b.sock").unwrap(),
-            PathBuf::from("/a/b.sock")
-        );
-        assert_eq!(
-            socket_path("unix:/a/b.sock").unwrap(),
-            PathBuf::from("/a/b.sock")
-        );
-        assert_eq!(
-            socket_path("/a/b.sock").unwrap(),
-            PathBuf::from("/a/b.sock")
-        );
+        assert_eq!(socket_path("unix:///a/b.sock").unwrap(), PathBuf::from("/a/b.sock"));
+        assert_eq!(socket_path("unix:/a/b.sock").unwrap(), PathBuf::from("/a/b.sock"));
+        assert_eq!(socket_path("/a/b.sock").unwrap(), PathBuf::from("/a/b.sock"));
         assert!(socket_path("tcp://127.0.0.1:1").is_err());
         assert!(socket_path("unix://relative").is_err());
     }

@@ -28,11 +28,7 @@ fn capability(fs_type: Option<&str>, read_only: bool) -> csi::VolumeCapability {
         }),
         None => volume_capability::AccessType::Block(volume_capability::BlockVolume {}),
     };
-    let mode = if read_only {
-        Mode::SingleNodeReaderOnly
-    } else {
-        Mode::SingleNodeWriter
-    };
+    let mode = if read_only { Mode::SingleNodeReaderOnly } else { Mode::SingleNodeWriter };
     csi::VolumeCapability {
         access_type: Some(access_type),
         access_mode: Some(volume_capability::AccessMode { mode: mode as i32 }),
@@ -45,10 +41,7 @@ async fn all_volumes(clients: &mut Clients) -> anyhow::Result<Vec<csi::Volume>> 
     loop {
         let page = clients
             .controller
-            .list_volumes(csi::ListVolumesRequest {
-                max_entries: 100,
-                starting_token: token,
-            })
+            .list_volumes(csi::ListVolumesRequest { max_entries: 100, starting_token: token })
             .await
             .map_err(|s| explain("listing volumes", s))?
             .into_inner();
@@ -61,11 +54,7 @@ async fn all_volumes(clients: &mut Clients) -> anyhow::Result<Vec<csi::Volume>> 
 }
 
 fn name_of(volume: &csi::Volume) -> &str {
-    volume
-        .volume_context
-        .get(CONTEXT_NAME)
-        .map(String::as_str)
-        .unwrap_or("")
+    volume.volume_context.get(CONTEXT_NAME).map(String::as_str).unwrap_or("")
 }
 
 async fn find_by_name(clients: &mut Clients, name: &str) -> anyhow::Result<csi::Volume> {
@@ -76,9 +65,7 @@ async fn find_by_name(clients: &mut Clients, name: &str) -> anyhow::Result<csi::
         .ok_or_else(|| anyhow!("no volume named {name:?}; see `plinth volume list`"))
 }
 
-async fn manifest(
-    clients: &mut Clients,
-) -> anyhow::Result<std::collections::HashMap<String, String>> {
+async fn manifest(clients: &mut Clients) -> anyhow::Result<std::collections::HashMap<String, String>> {
     Ok(clients
         .identity
         .get_plugin_info(csi::GetPluginInfoRequest {})
@@ -89,10 +76,9 @@ async fn manifest(
 }
 
 async fn staging_path(clients: &mut Clients, volume_id: &str) -> anyhow::Result<String> {
-    let root = manifest(clients)
-        .await?
-        .remove(MANIFEST_STAGING_ROOT)
-        .ok_or_else(|| anyhow!("this plinth does not stage volumes for the CLI; mount/unmount need `plinth standalone`"))?;
+    let root = manifest(clients).await?.remove(MANIFEST_STAGING_ROOT).ok_or_else(|| {
+        anyhow!("this plinth does not stage volumes for the CLI; mount/unmount need `plinth standalone`")
+    })?;
     Ok(format!("{root}/{volume_id}"))
 }
 
@@ -100,16 +86,11 @@ fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
     if path.is_absolute() {
         return Ok(path.to_owned());
     }
-    Ok(std::env::current_dir()
-        .context("reading the current directory")?
-        .join(path))
+    Ok(std::env::current_dir().context("reading the current directory")?.join(path))
 }
 
 fn print_json(value: serde_json::Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&value).unwrap_or_default()
-    );
+    println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
 }
 
 fn volume_json(volume: &csi::Volume, mounts: &[String]) -> serde_json::Value {
@@ -132,11 +113,7 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
         }
     }
     let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         println!("{}", padded.join("  ").trim_end());
     };
     line(headers.to_vec());
@@ -148,23 +125,10 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
 pub async fn volume(endpoint: &str, output: Output, verb: VolumeVerb) -> anyhow::Result<()> {
     let mut clients = connect(endpoint).await?;
     match verb {
-        VolumeVerb::Create {
-            name,
-            size,
-            fs,
-            block,
-            thick,
-        } => {
-            let fs_type = if block {
-                None
-            } else {
-                Some(fs.unwrap_or_else(|| "ext4".into()))
-            };
+        VolumeVerb::Create { name, size, fs, block, thick } => {
+            let fs_type = if block { None } else { Some(fs.unwrap_or_else(|| "ext4".into())) };
             let mut parameters = std::collections::HashMap::new();
-            parameters.insert(
-                PARAM_PROVISIONING.to_owned(),
-                if thick { "thick" } else { "thin" }.to_owned(),
-            );
+            parameters.insert(PARAM_PROVISIONING.to_owned(), if thick { "thick" } else { "thin" }.to_owned());
             if let Some(fs) = &fs_type {
                 parameters.insert(PARAM_FS_TYPE.to_owned(), fs.clone());
             }
@@ -172,10 +136,7 @@ pub async fn volume(endpoint: &str, output: Output, verb: VolumeVerb) -> anyhow:
                 .controller
                 .create_volume(csi::CreateVolumeRequest {
                     name: name.clone(),
-                    capacity_range: Some(csi::CapacityRange {
-                        required_bytes: size as i64,
-                        limit_bytes: 0,
-                    }),
+                    capacity_range: Some(csi::CapacityRange { required_bytes: size as i64, limit_bytes: 0 }),
                     volume_capabilities: vec![capability(fs_type.as_deref(), false)],
                     parameters,
                     ..Default::default()
@@ -199,28 +160,17 @@ pub async fn volume(endpoint: &str, output: Output, verb: VolumeVerb) -> anyhow:
             let volumes = all_volumes(&mut clients).await?;
             let mounts = local_mounts(&mut clients, &volumes).await;
             match output {
-                Output::Json => print_json(json!(
-                    volumes
-                        .iter()
-                        .zip(&mounts)
-                        .map(|(v, m)| volume_json(v, m))
-                        .collect::<Vec<_>>()
-                )),
+                Output::Json => {
+                    print_json(json!(volumes.iter().zip(&mounts).map(|(v, m)| volume_json(v, m)).collect::<Vec<_>>()))
+                }
                 Output::Table => print_volumes(&volumes, &mounts),
             }
         }
-        VolumeVerb::Mount {
-            name,
-            path,
-            read_only,
-        } => {
+        VolumeVerb::Mount { name, path, read_only } => {
             let volume = find_by_name(&mut clients, &name).await?;
             let staging = staging_path(&mut clients, &volume.volume_id).await?;
             let target = absolute(&path)?;
-            let cap = capability(
-                volume.volume_context.get(PARAM_FS_TYPE).map(String::as_str),
-                read_only,
-            );
+            let cap = capability(volume.volume_context.get(PARAM_FS_TYPE).map(String::as_str), read_only);
             clients
                 .node
                 .node_stage_volume(csi::NodeStageVolumeRequest {
@@ -246,9 +196,7 @@ pub async fn volume(endpoint: &str, output: Output, verb: VolumeVerb) -> anyhow:
                 .await
                 .map_err(|s| explain(&format!("mounting {name} at {}", target.display()), s))?;
             match output {
-                Output::Json => {
-                    print_json(json!({"name": name, "id": volume.volume_id, "mounted_at": target}))
-                }
+                Output::Json => print_json(json!({"name": name, "id": volume.volume_id, "mounted_at": target})),
                 Output::Table => println!("mounted {name} at {}", target.display()),
             }
         }
@@ -292,9 +240,7 @@ pub async fn volume(endpoint: &str, output: Output, verb: VolumeVerb) -> anyhow:
                 Err(s) => return Err(explain(&format!("unstaging {name}"), s)),
             }
             match output {
-                Output::Json => {
-                    print_json(json!({"name": name, "id": volume.volume_id, "unmounted": target}))
-                }
+                Output::Json => print_json(json!({"name": name, "id": volume.volume_id, "unmounted": target})),
                 Output::Table => println!("unmounted {name} from {target}"),
             }
         }
@@ -302,21 +248,11 @@ pub async fn volume(endpoint: &str, output: Output, verb: VolumeVerb) -> anyhow:
             let volume = find_by_name(&mut clients, &name).await?;
             clients
                 .controller
-                .delete_volume(csi::DeleteVolumeRequest {
-                    volume_id: volume.volume_id.clone(),
-                    ..Default::default()
-                })
+                .delete_volume(csi::DeleteVolumeRequest { volume_id: volume.volume_id.clone(), ..Default::default() })
                 .await
-                .map_err(|s| {
-                    explain(
-                        &format!("deleting {name} (unmount it first if it is mounted)"),
-                        s,
-                    )
-                })?;
+                .map_err(|s| explain(&format!("deleting {name} (unmount it first if it is mounted)"), s))?;
             match output {
-                Output::Json => {
-                    print_json(json!({"name": name, "id": volume.volume_id, "deleted": true}))
-                }
+                Output::Json => print_json(json!({"name": name, "id": volume.volume_id, "deleted": true})),
                 Output::Table => println!("deleted {name}"),
             }
         }
@@ -327,10 +263,7 @@ pub async fn volume(endpoint: &str, output: Output, verb: VolumeVerb) -> anyhow:
 /// Where each volume is mounted on this machine, read from the local mount table (the CSI API
 /// has no call for it). Empty lists when plinth runs elsewhere.
 async fn local_mounts(clients: &mut Clients, volumes: &[csi::Volume]) -> Vec<Vec<String>> {
-    let pool = manifest(clients)
-        .await
-        .ok()
-        .and_then(|mut m| m.remove(MANIFEST_POOL));
+    let pool = manifest(clients).await.ok().and_then(|mut m| m.remove(MANIFEST_POOL));
     let table = MountTable::read().unwrap_or_default();
     volumes
         .iter()
@@ -340,10 +273,7 @@ async fn local_mounts(clients: &mut Clients, volumes: &[csi::Volume]) -> Vec<Vec
             let Some(device) = loopdev::find_by_backing_file(&image).ok().flatten() else {
                 return Vec::new();
             };
-            table
-                .mounts_of_device(&device.path())
-                .map(|m| m.mount_point.display().to_string())
-                .collect()
+            table.mounts_of_device(&device.path()).map(|m| m.mount_point.display().to_string()).collect()
         })
         .collect()
 }
@@ -357,26 +287,13 @@ fn print_volumes(volumes: &[csi::Volume], mounts: &[Vec<String>]) {
                 name_of(v).to_owned(),
                 v.volume_id.clone(),
                 format_size(v.capacity_bytes as u64),
-                v.volume_context
-                    .get(PARAM_FS_TYPE)
-                    .cloned()
-                    .unwrap_or_else(|| "block".into()),
-                v.volume_context
-                    .get(PARAM_PROVISIONING)
-                    .cloned()
-                    .unwrap_or_default(),
-                if m.is_empty() {
-                    "-".into()
-                } else {
-                    m.join(",")
-                },
+                v.volume_context.get(PARAM_FS_TYPE).cloned().unwrap_or_else(|| "block".into()),
+                v.volume_context.get(PARAM_PROVISIONING).cloned().unwrap_or_default(),
+                if m.is_empty() { "-".into() } else { m.join(",") },
             ]
         })
         .collect();
-    print_table(
-        &["NAME", "ID", "SIZE", "TYPE", "PROVISIONING", "MOUNTED AT"],
-        &rows,
-    );
+    print_table(&["NAME", "ID", "SIZE", "TYPE", "PROVISIONING", "MOUNTED AT"], &rows);
 }
 
 pub async fn status(endpoint: &str, output: Output) -> anyhow::Result<()> {
@@ -403,11 +320,7 @@ pub async fn status(endpoint: &str, output: Output) -> anyhow::Result<()> {
     let volumes = all_volumes(&mut clients).await?;
     let mounts = local_mounts(&mut clients, &volumes).await;
     let provisioned: i64 = volumes.iter().map(|v| v.capacity_bytes).sum();
-    let pool = info
-        .manifest
-        .get(MANIFEST_POOL)
-        .cloned()
-        .unwrap_or_default();
+    let pool = info.manifest.get(MANIFEST_POOL).cloned().unwrap_or_default();
     let ready_text = match &ready {
         Ok(_) => "ready".to_owned(),
         Err(s) => format!("not ready: {}", s.message()),
@@ -424,10 +337,7 @@ pub async fn status(endpoint: &str, output: Output) -> anyhow::Result<()> {
             "volumes": volumes.iter().zip(&mounts).map(|(v, m)| volume_json(v, m)).collect::<Vec<_>>(),
         })),
         Output::Table => {
-            println!(
-                "{} {} on node {node}: {ready_text}",
-                info.name, info.vendor_version
-            );
+            println!("{} {} on node {node}: {ready_text}", info.name, info.vendor_version);
             println!(
                 "pool {pool}: {} available, {} provisioned in {} volume(s)",
                 format_size(capacity.available_capacity.max(0) as u64),

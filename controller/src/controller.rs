@@ -5,14 +5,13 @@ use std::sync::Arc;
 
 use plinth_engine::caps::Capability;
 use plinth_engine::model::{
-    Layout, PARAM_FS_TYPE, PARAM_PROVISIONING, VolumeParameters, VolumeRecord,
+    ContentSource, Layout, MutableParameters, PARAM_FS_TYPE, PARAM_PROVISIONING, SnapshotRecord, VolumeParameters,
+    VolumeRecord,
 };
-use plinth_engine::volumes::CreateVolume;
+use plinth_engine::volumes::{CreateVolume, SourceRequest};
 use plinth_engine::{Engine, Error};
 use plinth_proto::TOPOLOGY_NODE_KEY;
-use plinth_proto::csi_v1::{
-    self as csi, controller_server::Controller, controller_service_capability,
-};
+use plinth_proto::csi_v1::{self as csi, controller_server::Controller, controller_service_capability};
 use tonic::{Request, Response, Status};
 
 use crate::rpc;
@@ -31,18 +30,13 @@ impl ControllerService {
 }
 
 pub fn node_topology(node_id: &str) -> csi::Topology {
-    csi::Topology {
-        segments: HashMap::from([(TOPOLOGY_NODE_KEY.to_owned(), node_id.to_owned())]),
-    }
+    csi::Topology { segments: HashMap::from([(TOPOLOGY_NODE_KEY.to_owned(), node_id.to_owned())]) }
 }
 
 /// The volume context handed back to the CO (and to the node on stage).
 fn volume_context(record: &VolumeRecord) -> HashMap<String, String> {
     let mut context = HashMap::from([
-        (
-            PARAM_PROVISIONING.to_owned(),
-            record.provisioning.as_str().to_owned(),
-        ),
+        (PARAM_PROVISIONING.to_owned(), record.provisioning.as_str().to_owned()),
         (CONTEXT_NAME.to_owned(), record.name.clone()),
     ]);
     if let Layout::Filesystem { fs_type } = record.layout {
@@ -52,26 +46,50 @@ fn volume_context(record: &VolumeRecord) -> HashMap<String, String> {
 }
 
 fn to_csi_volume(record: &VolumeRecord, node_id: &str) -> csi::Volume {
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let content_source = record.content_source.as_ref().map(|source| csi::VolumeContentSource {
+        r#type: Some(match source {
+            ContentSource::Snapshot(id) => Type::Snapshot(SnapshotSource { snapshot_id: id.to_string() }),
+            ContentSource::Volume(id) => Type::Volume(VolumeSource { volume_id: id.to_string() }),
+        }),
+    });
     csi::Volume {
         capacity_bytes: record.capacity_bytes as i64,
         volume_id: record.id.to_string(),
         volume_context: volume_context(record),
-        content_source: None,
+        content_source,
         accessible_topology: vec![node_topology(node_id)],
     }
 }
 
+pub fn to_csi_snapshot(record: &SnapshotRecord) -> csi::Snapshot {
+    csi::Snapshot {
+        size_bytes: record.size_bytes as i64,
+        snapshot_id: record.id.to_string(),
+        source_volume_id: record.source_volume_id.to_string(),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: record.created_at_seconds,
+            nanos: record.created_at_nanos,
+        }),
+        ready_to_use: true,
+        group_snapshot_id: record.group_snapshot_id.as_ref().map(ToString::to_string).unwrap_or_default(),
+    }
+}
+
+fn condition(message: Option<String>) -> csi::VolumeCondition {
+    csi::VolumeCondition { abnormal: message.is_some(), message: message.unwrap_or_default() }
+}
+
 /// Nodes named by a topology list, or `None` when the list says nothing about nodes.
 fn named_nodes(topologies: &[csi::Topology]) -> Option<Vec<String>> {
-    let nodes: Vec<String> = topologies
-        .iter()
-        .filter_map(|t| t.segments.get(TOPOLOGY_NODE_KEY).cloned())
-        .collect();
+    let nodes: Vec<String> = topologies.iter().filter_map(|t| t.segments.get(TOPOLOGY_NODE_KEY).cloned()).collect();
     (!topologies.is_empty()).then_some(nodes)
 }
 
-fn unimplemented(what: &str) -> Status {
-    Status::unimplemented(format!("{what} is not supported by plinth yet"))
+fn rpc_capability(t: controller_service_capability::rpc::Type) -> csi::ControllerServiceCapability {
+    csi::ControllerServiceCapability {
+        r#type: Some(controller_service_capability::Type::Rpc(controller_service_capability::Rpc { r#type: t as i32 })),
+    }
 }
 
 #[tonic::async_trait]
@@ -85,16 +103,19 @@ impl Controller for ControllerService {
         if req.name.is_empty() {
             return Err(rpc::invalid(METHOD, "name is required"));
         }
-        let capabilities =
-            Capability::parse_all(&req.volume_capabilities).map_err(|e| rpc::refused(METHOD, e))?;
-        let parameters =
-            VolumeParameters::parse(&req.parameters).map_err(|e| rpc::refused(METHOD, e))?;
-        if req.volume_content_source.is_some() {
-            return Err(rpc::invalid(
-                METHOD,
-                "volume_content_source (snapshots, clones) is not supported yet",
-            ));
-        }
+        let capabilities = Capability::parse_all(&req.volume_capabilities).map_err(|e| rpc::refused(METHOD, e))?;
+        let parameters = VolumeParameters::parse(&req.parameters).map_err(|e| rpc::refused(METHOD, e))?;
+        let mutable_parameters =
+            MutableParameters::parse(&req.mutable_parameters).map_err(|e| rpc::refused(METHOD, e))?;
+        use csi::volume_content_source::Type;
+        let content_source = match req.volume_content_source.as_ref().map(|s| s.r#type.as_ref()) {
+            None => None,
+            Some(Some(Type::Snapshot(s))) => Some(SourceRequest::Snapshot(s.snapshot_id.clone())),
+            Some(Some(Type::Volume(v))) => Some(SourceRequest::Volume(v.volume_id.clone())),
+            Some(None) => {
+                return Err(rpc::invalid(METHOD, "volume_content_source names neither a snapshot nor a volume"));
+            }
+        };
         let capacity = req.capacity_range.unwrap_or_default();
         let request = CreateVolume {
             name: req.name.clone(),
@@ -102,16 +123,13 @@ impl Controller for ControllerService {
             limit_bytes: capacity.limit_bytes,
             capabilities,
             parameters,
-            requisite_nodes: req
-                .accessibility_requirements
-                .as_ref()
-                .and_then(|r| named_nodes(&r.requisite)),
+            requisite_nodes: req.accessibility_requirements.as_ref().and_then(|r| named_nodes(&r.requisite)),
+            content_source,
+            mutable_parameters,
         };
         let engine = Arc::clone(&self.engine);
         let record = rpc::run(METHOD, &req.name, move || engine.create_volume(&request)).await?;
-        Ok(Response::new(csi::CreateVolumeResponse {
-            volume: Some(to_csi_volume(&record, self.engine.node_id())),
-        }))
+        Ok(Response::new(csi::CreateVolumeResponse { volume: Some(to_csi_volume(&record, self.engine.node_id())) }))
     }
 
     async fn delete_volume(
@@ -121,10 +139,7 @@ impl Controller for ControllerService {
         let id = request.into_inner().volume_id;
         let engine = Arc::clone(&self.engine);
         let volume_id = id.clone();
-        rpc::run("DeleteVolume", &id, move || {
-            engine.delete_volume(&volume_id)
-        })
-        .await?;
+        rpc::run("DeleteVolume", &id, move || engine.delete_volume(&volume_id)).await?;
         Ok(Response::new(csi::DeleteVolumeResponse {}))
     }
 
@@ -132,18 +147,14 @@ impl Controller for ControllerService {
         &self,
         _: Request<csi::ControllerPublishVolumeRequest>,
     ) -> Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "plinth volumes need no controller publish (attachRequired: false)",
-        ))
+        Err(Status::unimplemented("plinth volumes need no controller publish (attachRequired: false)"))
     }
 
     async fn controller_unpublish_volume(
         &self,
         _: Request<csi::ControllerUnpublishVolumeRequest>,
     ) -> Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "plinth volumes need no controller unpublish (attachRequired: false)",
-        ))
+        Err(Status::unimplemented("plinth volumes need no controller unpublish (attachRequired: false)"))
     }
 
     async fn validate_volume_capabilities(
@@ -161,18 +172,15 @@ impl Controller for ControllerService {
         let engine = Arc::clone(&self.engine);
         let id = req.volume_id.clone();
         let record = rpc::run(METHOD, &req.volume_id, move || {
-            engine
-                .volume(&id)?
-                .ok_or_else(|| Error::NotFound(format!("volume {id:?} does not exist")))
+            engine.volume(&id)?.ok_or_else(|| Error::NotFound(format!("volume {id:?} does not exist")))
         })
         .await?;
         let verdict = (|| -> plinth_engine::Result<()> {
             let params = VolumeParameters::parse(&req.parameters)?;
             if params.fs_type.is_some() && params.fs_type != record.layout.fs_type() {
-                return Err(Error::InvalidArgument(
-                    "parameter fsType does not match the volume".into(),
-                ));
+                return Err(Error::InvalidArgument("parameter fsType does not match the volume".into()));
             }
+            MutableParameters::parse(&req.mutable_parameters)?;
             for cap in Capability::parse_all(&req.volume_capabilities)? {
                 cap.check_layout(record.layout)?;
             }
@@ -188,10 +196,7 @@ impl Controller for ControllerService {
                 }),
                 message: String::new(),
             },
-            Err(err) => csi::ValidateVolumeCapabilitiesResponse {
-                confirmed: None,
-                message: err.to_string(),
-            },
+            Err(err) => csi::ValidateVolumeCapabilitiesResponse { confirmed: None, message: err.to_string() },
         };
         Ok(Response::new(response))
     }
@@ -202,22 +207,23 @@ impl Controller for ControllerService {
     ) -> Result<Response<csi::ListVolumesResponse>, Status> {
         let req = request.into_inner();
         let engine = Arc::clone(&self.engine);
-        let (records, next_token) = rpc::run("ListVolumes", "", move || {
-            engine.list_volumes(&req.starting_token, req.max_entries)
+        let entries = rpc::run("ListVolumes", "", move || {
+            let (records, next_token) = engine.list_volumes(&req.starting_token, req.max_entries)?;
+            let mut entries = Vec::with_capacity(records.len());
+            for record in &records {
+                let status = csi::list_volumes_response::VolumeStatus {
+                    published_node_ids: Vec::new(),
+                    volume_condition: Some(condition(engine.volume_condition(record)?)),
+                };
+                entries.push(csi::list_volumes_response::Entry {
+                    volume: Some(to_csi_volume(record, engine.node_id())),
+                    status: Some(status),
+                });
+            }
+            Ok(csi::ListVolumesResponse { entries, next_token })
         })
         .await?;
-        let node = self.engine.node_id();
-        let entries = records
-            .iter()
-            .map(|r| csi::list_volumes_response::Entry {
-                volume: Some(to_csi_volume(r, node)),
-                status: None,
-            })
-            .collect();
-        Ok(Response::new(csi::ListVolumesResponse {
-            entries,
-            next_token,
-        }))
+        Ok(Response::new(entries))
     }
 
     async fn get_capacity(
@@ -225,20 +231,11 @@ impl Controller for ControllerService {
         request: Request<csi::GetCapacityRequest>,
     ) -> Result<Response<csi::GetCapacityResponse>, Status> {
         let req = request.into_inner();
-        let parameters =
-            VolumeParameters::parse(&req.parameters).map_err(|e| rpc::refused("GetCapacity", e))?;
-        let for_node = req
-            .accessible_topology
-            .as_ref()
-            .and_then(|t| t.segments.get(TOPOLOGY_NODE_KEY).cloned());
+        let parameters = VolumeParameters::parse(&req.parameters).map_err(|e| rpc::refused("GetCapacity", e))?;
+        let for_node = req.accessible_topology.as_ref().and_then(|t| t.segments.get(TOPOLOGY_NODE_KEY).cloned());
         let engine = Arc::clone(&self.engine);
-        let capacity = rpc::run("GetCapacity", "", move || {
-            engine.capacity(for_node.as_deref())
-        })
-        .await?;
-        let minimum = parameters
-            .fs_type
-            .map_or(plinth_engine::size::MIB, |fs| fs.minimum_bytes());
+        let capacity = rpc::run("GetCapacity", "", move || engine.capacity(for_node.as_deref())).await?;
+        let minimum = parameters.fs_type.map_or(plinth_engine::size::MIB, |fs| fs.minimum_bytes());
         let available = capacity.available_bytes.min(i64::MAX as u64) as i64;
         Ok(Response::new(csi::GetCapacityResponse {
             available_capacity: available,
@@ -256,65 +253,137 @@ impl Controller for ControllerService {
             Type::CreateDeleteVolume,
             Type::ListVolumes,
             Type::GetCapacity,
+            Type::CreateDeleteSnapshot,
+            Type::ListSnapshots,
+            Type::GetSnapshot,
+            Type::CloneVolume,
+            Type::ExpandVolume,
+            Type::VolumeCondition,
+            Type::GetVolume,
+            Type::SingleNodeMultiWriter,
+            Type::ModifyVolume,
         ]
         .into_iter()
-        .map(|t| csi::ControllerServiceCapability {
-            r#type: Some(controller_service_capability::Type::Rpc(
-                controller_service_capability::Rpc { r#type: t as i32 },
-            )),
-        })
+        .map(rpc_capability)
         .collect();
-        Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
-            capabilities,
-        }))
+        Ok(Response::new(csi::ControllerGetCapabilitiesResponse { capabilities }))
     }
 
     async fn create_snapshot(
         &self,
-        _: Request<csi::CreateSnapshotRequest>,
+        request: Request<csi::CreateSnapshotRequest>,
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
-        Err(unimplemented("CreateSnapshot"))
+        let req = request.into_inner();
+        let engine = Arc::clone(&self.engine);
+        let (name, source) = (req.name.clone(), req.source_volume_id.clone());
+        let record =
+            rpc::run("CreateSnapshot", &req.source_volume_id, move || engine.create_snapshot(&name, &source)).await?;
+        Ok(Response::new(csi::CreateSnapshotResponse { snapshot: Some(to_csi_snapshot(&record)) }))
     }
 
     async fn delete_snapshot(
         &self,
-        _: Request<csi::DeleteSnapshotRequest>,
+        request: Request<csi::DeleteSnapshotRequest>,
     ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
-        Err(unimplemented("DeleteSnapshot"))
+        let id = request.into_inner().snapshot_id;
+        let engine = Arc::clone(&self.engine);
+        let snapshot_id = id.clone();
+        rpc::run("DeleteSnapshot", &id, move || engine.delete_snapshot(&snapshot_id)).await?;
+        Ok(Response::new(csi::DeleteSnapshotResponse {}))
     }
 
     async fn list_snapshots(
         &self,
-        _: Request<csi::ListSnapshotsRequest>,
+        request: Request<csi::ListSnapshotsRequest>,
     ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
-        Err(unimplemented("ListSnapshots"))
+        let req = request.into_inner();
+        let engine = Arc::clone(&self.engine);
+        let (records, next_token) = rpc::run("ListSnapshots", "", move || {
+            engine.list_snapshots(&req.starting_token, req.max_entries, &req.snapshot_id, &req.source_volume_id)
+        })
+        .await?;
+        let entries = records
+            .iter()
+            .map(|r| csi::list_snapshots_response::Entry { snapshot: Some(to_csi_snapshot(r)) })
+            .collect();
+        Ok(Response::new(csi::ListSnapshotsResponse { entries, next_token }))
     }
 
     async fn get_snapshot(
         &self,
-        _: Request<csi::GetSnapshotRequest>,
+        request: Request<csi::GetSnapshotRequest>,
     ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
-        Err(unimplemented("GetSnapshot"))
+        let id = request.into_inner().snapshot_id;
+        let engine = Arc::clone(&self.engine);
+        let snapshot_id = id.clone();
+        let record = rpc::run("GetSnapshot", &id, move || engine.snapshot(&snapshot_id)).await?;
+        Ok(Response::new(csi::GetSnapshotResponse { snapshot: Some(to_csi_snapshot(&record)) }))
     }
 
     async fn controller_expand_volume(
         &self,
-        _: Request<csi::ControllerExpandVolumeRequest>,
+        request: Request<csi::ControllerExpandVolumeRequest>,
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
-        Err(unimplemented("ControllerExpandVolume"))
+        const METHOD: &str = "ControllerExpandVolume";
+        let req = request.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(rpc::invalid(METHOD, "volume_id is required"));
+        }
+        let range = req.capacity_range.ok_or_else(|| rpc::invalid(METHOD, "capacity_range is required"))?;
+        let engine = Arc::clone(&self.engine);
+        let id = req.volume_id.clone();
+        let (capacity, node_expansion_required) = rpc::run(METHOD, &req.volume_id, move || {
+            engine.expand_volume(&id, range.required_bytes, range.limit_bytes)
+        })
+        .await?;
+        Ok(Response::new(csi::ControllerExpandVolumeResponse {
+            capacity_bytes: capacity as i64,
+            node_expansion_required,
+        }))
     }
 
     async fn controller_get_volume(
         &self,
-        _: Request<csi::ControllerGetVolumeRequest>,
+        request: Request<csi::ControllerGetVolumeRequest>,
     ) -> Result<Response<csi::ControllerGetVolumeResponse>, Status> {
-        Err(unimplemented("ControllerGetVolume"))
+        const METHOD: &str = "ControllerGetVolume";
+        let id = request.into_inner().volume_id;
+        if id.is_empty() {
+            return Err(rpc::invalid(METHOD, "volume_id is required"));
+        }
+        let engine = Arc::clone(&self.engine);
+        let volume_id = id.clone();
+        let response = rpc::run(METHOD, &id, move || {
+            let record = engine
+                .volume(&volume_id)?
+                .ok_or_else(|| Error::NotFound(format!("volume {volume_id:?} does not exist")))?;
+            let published_node_ids =
+                if record.staged.is_some() { vec![engine.node_id().to_owned()] } else { Vec::new() };
+            Ok(csi::ControllerGetVolumeResponse {
+                volume: Some(to_csi_volume(&record, engine.node_id())),
+                status: Some(csi::controller_get_volume_response::VolumeStatus {
+                    published_node_ids,
+                    volume_condition: Some(condition(engine.volume_condition(&record)?)),
+                }),
+            })
+        })
+        .await?;
+        Ok(Response::new(response))
     }
 
     async fn controller_modify_volume(
         &self,
-        _: Request<csi::ControllerModifyVolumeRequest>,
+        request: Request<csi::ControllerModifyVolumeRequest>,
     ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
-        Err(unimplemented("ControllerModifyVolume"))
+        const METHOD: &str = "ControllerModifyVolume";
+        let req = request.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(rpc::invalid(METHOD, "volume_id is required"));
+        }
+        let changes = MutableParameters::parse(&req.mutable_parameters).map_err(|e| rpc::refused(METHOD, e))?;
+        let engine = Arc::clone(&self.engine);
+        let id = req.volume_id.clone();
+        rpc::run(METHOD, &req.volume_id, move || engine.modify_volume(&id, changes)).await?;
+        Ok(Response::new(csi::ControllerModifyVolumeResponse {}))
     }
 }

@@ -6,9 +6,8 @@ use std::sync::Arc;
 use plinth_engine::Engine;
 use plinth_proto::DRIVER_NAME;
 use plinth_proto::csi_v1::{
-    GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest,
-    GetPluginInfoResponse, PluginCapability, ProbeRequest, ProbeResponse,
-    identity_server::Identity, plugin_capability,
+    GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest, GetPluginInfoResponse,
+    PluginCapability, ProbeRequest, ProbeResponse, identity_server::Identity, plugin_capability,
 };
 use tonic::{Request, Response, Status};
 
@@ -31,12 +30,7 @@ impl IdentityService {
         serves_node: bool,
         manifest: HashMap<String, String>,
     ) -> Self {
-        Self {
-            engine,
-            serves_controller,
-            serves_node,
-            manifest,
-        }
+        Self { engine, serves_controller, serves_node, manifest }
     }
 }
 
@@ -61,18 +55,20 @@ impl Identity for IdentityService {
         let mut types = vec![Type::VolumeAccessibilityConstraints];
         if self.serves_controller {
             types.insert(0, Type::ControllerService);
+            types.push(Type::GroupControllerService);
         }
-        let capabilities = types
+        let mut capabilities: Vec<PluginCapability> = types
             .into_iter()
             .map(|t| PluginCapability {
-                r#type: Some(plugin_capability::Type::Service(
-                    plugin_capability::Service { r#type: t as i32 },
-                )),
+                r#type: Some(plugin_capability::Type::Service(plugin_capability::Service { r#type: t as i32 })),
             })
             .collect();
-        Ok(Response::new(GetPluginCapabilitiesResponse {
-            capabilities,
-        }))
+        capabilities.push(PluginCapability {
+            r#type: Some(plugin_capability::Type::VolumeExpansion(plugin_capability::VolumeExpansion {
+                r#type: plugin_capability::volume_expansion::Type::Online as i32,
+            })),
+        });
+        Ok(Response::new(GetPluginCapabilitiesResponse { capabilities }))
     }
 
     async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {

@@ -2,8 +2,10 @@
 //! the node service shares.
 
 pub mod controller;
+pub mod group;
 pub mod identity;
 pub mod rpc;
 
 pub use controller::ControllerService;
+pub use group::GroupControllerService;
 pub use identity::IdentityService;

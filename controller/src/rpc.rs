@@ -15,12 +15,7 @@ pub async fn run<T: Send + 'static>(
     let started = Instant::now();
     let outcome = tokio::task::spawn_blocking(work)
         .await
-        .unwrap_or_else(|join_error| {
-            Err(Error::internal(
-                format!("{method} worker failed"),
-                join_error,
-            ))
-        });
+        .unwrap_or_else(|join_error| Err(Error::internal(format!("{method} worker failed"), join_error)));
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     match outcome {
         Ok(value) => {

@@ -28,11 +28,7 @@ impl AccessMode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AccessType {
     Block,
-    Mount {
-        fs_type: Option<FsType>,
-        mount_flags: Vec<String>,
-        volume_mount_group: String,
-    },
+    Mount { fs_type: Option<FsType>, mount_flags: Vec<String>, volume_mount_group: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,17 +41,11 @@ impl Capability {
     pub fn parse(cap: &VolumeCapability) -> Result<Self> {
         let access_type = match &cap.access_type {
             None => {
-                return Err(Error::InvalidArgument(
-                    "volume capability needs an access type (mount or block)".into(),
-                ));
+                return Err(Error::InvalidArgument("volume capability needs an access type (mount or block)".into()));
             }
             Some(volume_capability::AccessType::Block(_)) => AccessType::Block,
             Some(volume_capability::AccessType::Mount(m)) => AccessType::Mount {
-                fs_type: if m.fs_type.is_empty() {
-                    None
-                } else {
-                    Some(FsType::parse(&m.fs_type)?)
-                },
+                fs_type: if m.fs_type.is_empty() { None } else { Some(FsType::parse(&m.fs_type)?) },
                 mount_flags: m.mount_flags.clone(),
                 volume_mount_group: m.volume_mount_group.clone(),
             },
@@ -70,11 +60,7 @@ impl Capability {
             Ok(Mode::SingleNodeReaderOnly) => AccessMode::SingleNodeReaderOnly,
             Ok(Mode::SingleNodeSingleWriter) => AccessMode::SingleNodeSingleWriter,
             Ok(Mode::SingleNodeMultiWriter) => AccessMode::SingleNodeMultiWriter,
-            Ok(
-                mode @ (Mode::MultiNodeReaderOnly
-                | Mode::MultiNodeSingleWriter
-                | Mode::MultiNodeMultiWriter),
-            ) => {
+            Ok(mode @ (Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter)) => {
                 return Err(Error::InvalidArgument(format!(
                     "access mode {} is not supported: a plinth volume lives on one node's disk \
                      (use a SINGLE_NODE_* mode, i.e. ReadWriteOnce or ReadWriteOncePod)",
@@ -82,9 +68,7 @@ impl Capability {
                 )));
             }
             Ok(Mode::Unknown) | Err(_) => {
-                return Err(Error::InvalidArgument(format!(
-                    "access mode {raw_mode} is unknown"
-                )));
+                return Err(Error::InvalidArgument(format!("access mode {raw_mode} is unknown")));
             }
         };
         Ok(Capability { access_type, mode })
@@ -92,9 +76,7 @@ impl Capability {
 
     pub fn parse_all(caps: &[VolumeCapability]) -> Result<Vec<Self>> {
         if caps.is_empty() {
-            return Err(Error::InvalidArgument(
-                "volume_capabilities is required".into(),
-            ));
+            return Err(Error::InvalidArgument("volume_capabilities is required".into()));
         }
         caps.iter().map(Capability::parse).collect()
     }
@@ -123,35 +105,21 @@ impl Capability {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use plinth_proto::csi_v1::volume_capability::{
-        AccessMode as ProtoMode, BlockVolume, MountVolume,
-    };
+    use plinth_proto::csi_v1::volume_capability::{AccessMode as ProtoMode, BlockVolume, MountVolume};
 
     fn cap(access_type: Option<volume_capability::AccessType>, mode: Mode) -> VolumeCapability {
-        VolumeCapability {
-            access_type,
-            access_mode: Some(ProtoMode { mode: mode as i32 }),
-        }
+        VolumeCapability { access_type, access_mode: Some(ProtoMode { mode: mode as i32 }) }
     }
 
     fn mount(fs: &str) -> Option<volume_capability::AccessType> {
-        Some(volume_capability::AccessType::Mount(MountVolume {
-            fs_type: fs.into(),
-            ..Default::default()
-        }))
+        Some(volume_capability::AccessType::Mount(MountVolume { fs_type: fs.into(), ..Default::default() }))
     }
 
     #[test]
     fn parses_supported_capabilities() {
         let c = Capability::parse(&cap(mount("xfs"), Mode::SingleNodeWriter)).unwrap();
         assert_eq!(c.mode, AccessMode::SingleNodeWriter);
-        assert!(matches!(
-            c.access_type,
-            AccessType::Mount {
-                fs_type: Some(FsType::Xfs),
-                ..
-            }
-        ));
+        assert!(matches!(c.access_type, AccessType::Mount { fs_type: Some(FsType::Xfs), .. }));
         let b = Capability::parse(&cap(
             Some(volume_capability::AccessType::Block(BlockVolume {})),
             Mode::SingleNodeReaderOnly,
@@ -168,24 +136,13 @@ mod tests {
             cap(mount("ext4"), Mode::Unknown),
             cap(None, Mode::SingleNodeWriter),
             cap(mount("zfs"), Mode::SingleNodeWriter),
-            VolumeCapability {
-                access_type: mount(""),
-                access_mode: None,
-            },
+            VolumeCapability { access_type: mount(""), access_mode: None },
         ] {
-            assert!(
-                matches!(Capability::parse(&bad), Err(Error::InvalidArgument(_))),
-                "{bad:?}"
-            );
+            assert!(matches!(Capability::parse(&bad), Err(Error::InvalidArgument(_))), "{bad:?}");
         }
         assert!(Capability::parse_all(&[]).is_err());
         let c = Capability::parse(&cap(mount("xfs"), Mode::SingleNodeWriter)).unwrap();
-        assert!(
-            c.check_layout(Layout::Filesystem {
-                fs_type: FsType::Ext4
-            })
-            .is_err()
-        );
+        assert!(c.check_layout(Layout::Filesystem { fs_type: FsType::Ext4 }).is_err());
         assert!(c.check_layout(Layout::Block).is_err());
     }
 }

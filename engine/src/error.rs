@@ -30,14 +30,8 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn internal(
-        context: impl Into<String>,
-        source: impl Into<Box<dyn StdError + Send + Sync>>,
-    ) -> Self {
-        Error::Internal {
-            context: context.into(),
-            source: source.into(),
-        }
+    pub fn internal(context: impl Into<String>, source: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
+        Error::Internal { context: context.into(), source: source.into() }
     }
 
     pub fn code(&self) -> tonic::Code {
@@ -93,16 +87,9 @@ mod tests {
         let err: Result<()> = Err(io).context(|| "allocating vol-1".to_owned());
         let status = tonic::Status::from(err.unwrap_err());
         assert_eq!(status.code(), tonic::Code::Internal);
-        assert!(
-            status.message().starts_with("allocating vol-1: "),
-            "{}",
-            status.message()
-        );
+        assert!(status.message().starts_with("allocating vol-1: "), "{}", status.message());
         assert!(status.message().contains("space"), "{}", status.message());
         let status = tonic::Status::from(Error::Aborted("busy".into()));
-        assert_eq!(
-            (status.code(), status.message()),
-            (tonic::Code::Aborted, "busy")
-        );
+        assert_eq!((status.code(), status.message()), (tonic::Code::Aborted, "busy"));
     }
 }

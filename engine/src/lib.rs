@@ -5,12 +5,14 @@ pub mod caps;
 pub mod error;
 pub mod ids;
 pub mod locks;
+pub mod mkfsopts;
 pub mod model;
 pub mod mountopts;
 pub mod node;
 pub mod paths;
 pub mod pool;
 pub mod size;
+pub mod snapshots;
 pub mod store;
 pub mod sys;
 pub mod volumes;
@@ -48,7 +50,9 @@ pub struct Engine {
     node_id: String,
     data_dir: PathBuf,
     pool: Pool,
-    store: Store,
+    store: Store<model::VolumeRecord>,
+    snapshots: Store<model::SnapshotRecord>,
+    groups: Store<model::GroupSnapshotRecord>,
     locks: OperationLocks,
     paths: PathPolicy,
     default_volume_size: u64,
@@ -62,12 +66,15 @@ pub struct Engine {
 impl Engine {
     pub fn open(config: EngineConfig) -> Result<Self> {
         let data_dir = config.data_dir.clone();
-        std::fs::create_dir_all(&data_dir)
-            .context(|| format!("creating data dir {}", data_dir.display()))?;
+        std::fs::create_dir_all(&data_dir).context(|| format!("creating data dir {}", data_dir.display()))?;
         let pool = Pool::open(data_dir.join("pool"), config.pool_capacity)
             .context(|| format!("opening pool in {}", data_dir.display()))?;
-        let store = Store::open(data_dir.join("volumes"))
-            .context(|| format!("opening records in {}", data_dir.display()))?;
+        let store =
+            Store::open(data_dir.join("volumes")).context(|| format!("opening records in {}", data_dir.display()))?;
+        let snapshots = Store::open(data_dir.join("snapshots"))
+            .context(|| format!("opening snapshot records in {}", data_dir.display()))?;
+        let groups = Store::open(data_dir.join("group-snapshots"))
+            .context(|| format!("opening group snapshot records in {}", data_dir.display()))?;
         let paths = PathPolicy::new(config.allowed_roots.iter().cloned())
             .context(|| format!("preparing allowed roots {:?}", config.allowed_roots))?;
         Ok(Self {
@@ -75,6 +82,8 @@ impl Engine {
             data_dir,
             pool,
             store,
+            snapshots,
+            groups,
             locks: OperationLocks::default(),
             paths,
             default_volume_size: config.default_volume_size,
@@ -103,10 +112,7 @@ impl Engine {
     /// Ready when the pool takes new files and, for node duty, loop devices can be attached.
     pub fn probe(&self, node_duty: bool) -> Result<()> {
         if !self.pool.writable() {
-            return Err(Error::FailedPrecondition(format!(
-                "pool {} is not writable",
-                self.pool.dir().display()
-            )));
+            return Err(Error::FailedPrecondition(format!("pool {} is not writable", self.pool.dir().display())));
         }
         if node_duty && !sys::loopdev::control_available() {
             return Err(Error::FailedPrecondition(

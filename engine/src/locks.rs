@@ -20,28 +20,17 @@ pub struct OperationGuard {
 
 impl OperationLocks {
     pub fn try_lock(&self, key: &str) -> Result<OperationGuard> {
-        let mut held = self
-            .held
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut held = self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if !held.insert(key.to_owned()) {
-            return Err(Error::Aborted(format!(
-                "an operation on {key} is already in progress; retry later"
-            )));
+            return Err(Error::Aborted(format!("an operation on {key} is already in progress; retry later")));
         }
-        Ok(OperationGuard {
-            held: Arc::clone(&self.held),
-            key: key.to_owned(),
-        })
+        Ok(OperationGuard { held: Arc::clone(&self.held), key: key.to_owned() })
     }
 }
 
 impl Drop for OperationGuard {
     fn drop(&mut self) {
-        let mut held = self
-            .held
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut held = self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         held.remove(&self.key);
     }
 }

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::ids::VolumeId;
+use crate::ids::{GroupSnapshotId, SnapshotId, VolumeId};
 use crate::size::MIB;
+use crate::store::Record;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -25,9 +26,9 @@ impl FsType {
             "ext4" => Ok(FsType::Ext4),
             "xfs" => Ok(FsType::Xfs),
             "btrfs" => Ok(FsType::Btrfs),
-            other => Err(Error::InvalidArgument(format!(
-                "unsupported fsType {other:?}: plinth formats ext4, xfs or btrfs"
-            ))),
+            other => {
+                Err(Error::InvalidArgument(format!("unsupported fsType {other:?}: plinth formats ext4, xfs or btrfs")))
+            }
         }
     }
 
@@ -64,9 +65,7 @@ impl Provisioning {
         match text {
             "thin" => Ok(Provisioning::Thin),
             "thick" => Ok(Provisioning::Thick),
-            other => Err(Error::InvalidArgument(format!(
-                "unsupported provisioning {other:?}: use thin or thick"
-            ))),
+            other => Err(Error::InvalidArgument(format!("unsupported provisioning {other:?}: use thin or thick"))),
         }
     }
 
@@ -133,6 +132,16 @@ pub struct VolumeRecord {
     /// Target path → how it is published.
     #[serde(default)]
     pub published: BTreeMap<PathBuf, Published>,
+    /// What the volume was created from (a snapshot or another volume), if anything.
+    #[serde(default)]
+    pub content_source: Option<ContentSource>,
+    /// The device size the filesystem was last made or grown for: when the volume is larger
+    /// (expanded while unstaged, restored into a bigger volume), the next stage grows it.
+    #[serde(default)]
+    pub filesystem_bytes: u64,
+    /// Validated extra mkfs arguments (StorageClass `mkfsOptions`), used on first format.
+    #[serde(default)]
+    pub mkfs_options: Vec<String>,
 }
 
 impl VolumeRecord {
@@ -141,34 +150,99 @@ impl VolumeRecord {
     }
 }
 
-impl serde::Serialize for VolumeId {
-    fn serialize<S: serde::Serializer>(
-        &self,
-        serializer: S,
-    ) -> std::result::Result<S::Ok, S::Error> {
-        serializer.serialize_str(self.as_str())
+impl Record for VolumeRecord {
+    type Id = VolumeId;
+    fn id(&self) -> &VolumeId {
+        &self.id
     }
 }
 
-impl<'de> serde::Deserialize<'de> for VolumeId {
-    fn deserialize<D: serde::Deserializer<'de>>(
-        deserializer: D,
-    ) -> std::result::Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        VolumeId::parse(&text)
-            .ok_or_else(|| serde::de::Error::custom(format!("malformed volume id {text:?}")))
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "id", rename_all = "lowercase")]
+pub enum ContentSource {
+    Snapshot(SnapshotId),
+    Volume(VolumeId),
+}
+
+/// A point-in-time copy of a volume's image, independent of the volume afterwards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: SnapshotId,
+    pub name: String,
+    pub source_volume_id: VolumeId,
+    /// The source volume's size when the snapshot was taken (the smallest restore size).
+    pub size_bytes: u64,
+    pub layout: Layout,
+    #[serde(default)]
+    pub filesystem_bytes: u64,
+    pub created_at_seconds: i64,
+    pub created_at_nanos: i32,
+    #[serde(default)]
+    pub group_snapshot_id: Option<GroupSnapshotId>,
+    /// How the copy was made ("reflink" or "sparse-copy"), for operators.
+    pub copy_method: String,
+}
+
+impl Record for SnapshotRecord {
+    type Id = SnapshotId;
+    fn id(&self) -> &SnapshotId {
+        &self.id
+    }
+}
+
+/// A crash-consistent set of snapshots taken together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSnapshotRecord {
+    pub id: GroupSnapshotId,
+    pub name: String,
+    pub source_volume_ids: Vec<VolumeId>,
+    pub snapshot_ids: Vec<SnapshotId>,
+    pub created_at_seconds: i64,
+    pub created_at_nanos: i32,
+}
+
+impl Record for GroupSnapshotRecord {
+    type Id = GroupSnapshotId;
+    fn id(&self) -> &GroupSnapshotId {
+        &self.id
     }
 }
 
 /// StorageClass / CreateVolume parameters plinth understands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct VolumeParameters {
     pub fs_type: Option<FsType>,
     pub provisioning: Provisioning,
+    /// Raw `mkfsOptions`; validated once the filesystem is known.
+    pub mkfs_options: Option<String>,
 }
 
 pub const PARAM_FS_TYPE: &str = "fsType";
 pub const PARAM_PROVISIONING: &str = "provisioning";
+pub const PARAM_MKFS_OPTIONS: &str = "mkfsOptions";
+
+/// Parameters that may change after creation (VolumeAttributesClass / ControllerModifyVolume).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MutableParameters {
+    pub provisioning: Option<Provisioning>,
+}
+
+impl MutableParameters {
+    pub fn parse<'a>(params: impl IntoIterator<Item = (&'a String, &'a String)>) -> Result<Self> {
+        let mut parsed = MutableParameters::default();
+        for (key, value) in params {
+            match key.as_str() {
+                PARAM_PROVISIONING => parsed.provisioning = Some(Provisioning::parse(value)?),
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "mutable parameter {other:?} is not supported: plinth can change {PARAM_PROVISIONING}"
+                    )));
+                }
+            }
+        }
+        Ok(parsed)
+    }
+}
 /// Keys Kubernetes tooling adds (PVC name, namespace, …); informational, never an error.
 const KUBERNETES_PARAM_PREFIX: &str = "csi.storage.k8s.io/";
 
@@ -179,10 +253,11 @@ impl VolumeParameters {
             match key.as_str() {
                 PARAM_FS_TYPE => parsed.fs_type = Some(FsType::parse(value)?),
                 PARAM_PROVISIONING => parsed.provisioning = Provisioning::parse(value)?,
+                PARAM_MKFS_OPTIONS => parsed.mkfs_options = Some(value.clone()),
                 k if k.starts_with(KUBERNETES_PARAM_PREFIX) => {}
                 other => {
                     return Err(Error::InvalidArgument(format!(
-                        "unknown parameter {other:?}: plinth understands {PARAM_FS_TYPE} and {PARAM_PROVISIONING}"
+                        "unknown parameter {other:?}: plinth understands {PARAM_FS_TYPE}, {PARAM_PROVISIONING} and {PARAM_MKFS_OPTIONS}"
                     )));
                 }
             }
@@ -196,30 +271,22 @@ mod tests {
     use super::*;
 
     fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
     fn parses_parameters() {
-        let p = VolumeParameters::parse(&params(&[("fsType", "xfs"), ("provisioning", "thick")]))
-            .unwrap();
+        let p = VolumeParameters::parse(&params(&[("fsType", "xfs"), ("provisioning", "thick")])).unwrap();
         assert_eq!(
             p,
-            VolumeParameters {
-                fs_type: Some(FsType::Xfs),
-                provisioning: Provisioning::Thick
-            }
+            VolumeParameters { fs_type: Some(FsType::Xfs), provisioning: Provisioning::Thick, mkfs_options: None }
         );
+        let m = MutableParameters::parse(&params(&[("provisioning", "thick")])).unwrap();
+        assert_eq!(m.provisioning, Some(Provisioning::Thick));
+        assert!(MutableParameters::parse(&params(&[("XXX_FakeKey", "x")])).is_err());
         let p = VolumeParameters::parse(&params(&[("csi.storage.k8s.io/pvc/name", "x")])).unwrap();
         assert_eq!(p, VolumeParameters::default());
-        for bad in [
-            ("fsType", "ntfs"),
-            ("provisioning", "fat"),
-            ("color", "blue"),
-        ] {
+        for bad in [("fsType", "ntfs"), ("provisioning", "fat"), ("color", "blue")] {
             let err = VolumeParameters::parse(&params(&[bad])).unwrap_err();
             assert!(matches!(err, Error::InvalidArgument(_)), "{bad:?}");
         }
@@ -231,9 +298,7 @@ mod tests {
             id: VolumeId::for_name("a"),
             name: "a".into(),
             capacity_bytes: 5 * MIB,
-            layout: Layout::Filesystem {
-                fs_type: FsType::Btrfs,
-            },
+            layout: Layout::Filesystem { fs_type: FsType::Btrfs },
             provisioning: Provisioning::Thick,
             created_at: 1,
             staged: Some(Staged {
@@ -243,15 +308,10 @@ mod tests {
                 filesystem_mounted: true,
                 mount_flags: vec!["noatime".into()],
             }),
-            published: [(
-                PathBuf::from("/t"),
-                Published {
-                    read_only: true,
-                    block: false,
-                    mount_flags: vec![],
-                },
-            )]
-            .into(),
+            published: [(PathBuf::from("/t"), Published { read_only: true, block: false, mount_flags: vec![] })].into(),
+            content_source: Some(ContentSource::Snapshot(SnapshotId::for_name("s"))),
+            filesystem_bytes: 5 * MIB,
+            mkfs_options: vec!["-b".into(), "4096".into()],
         };
         let json = serde_json::to_string(&record).unwrap();
         assert_eq!(serde_json::from_str::<VolumeRecord>(&json).unwrap(), record);

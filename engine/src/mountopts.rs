@@ -52,21 +52,10 @@ fn data_option_allowed(option: &str, fs: FsType) -> bool {
         (FsType::Ext4 | FsType::Btrfs, "commit", Some(v)) => is_number(v),
         (FsType::Ext4, "data", Some(v)) => matches!(v, "ordered" | "journal" | "writeback"),
         (FsType::Ext4, "errors", Some(v)) => matches!(v, "remount-ro" | "continue"),
-        (
-            FsType::Ext4,
-            "acl" | "noacl" | "user_xattr" | "nouser_xattr" | "nodelalloc" | "delalloc",
-            None,
-        ) => true,
+        (FsType::Ext4, "acl" | "noacl" | "user_xattr" | "nouser_xattr" | "nodelalloc" | "delalloc", None) => true,
         (FsType::Xfs, "nouuid" | "noquota" | "inode64" | "largeio" | "wsync", None) => true,
-        (FsType::Xfs, "allocsize", Some(v)) => v
-            .trim_end_matches(['k', 'm', 'g'])
-            .bytes()
-            .all(|b| b.is_ascii_digit()),
-        (
-            FsType::Btrfs,
-            "ssd" | "nossd" | "autodefrag" | "noautodefrag" | "compress" | "compress-force",
-            None,
-        ) => true,
+        (FsType::Xfs, "allocsize", Some(v)) => v.trim_end_matches(['k', 'm', 'g']).bytes().all(|b| b.is_ascii_digit()),
+        (FsType::Btrfs, "ssd" | "nossd" | "autodefrag" | "noautodefrag" | "compress" | "compress-force", None) => true,
         (FsType::Btrfs, "discard", Some("async" | "sync")) => true,
         (FsType::Btrfs, "compress" | "compress-force", Some(v)) => {
             let (alg, level) = v.split_once(':').map_or((v, None), |(a, l)| (a, Some(l)));
@@ -80,23 +69,11 @@ fn data_option_allowed(option: &str, fs: FsType) -> bool {
 /// Parses CSI `mount_flags` (each entry may itself be comma-separated). `fs` is `None` for bind
 /// mounts of block devices, where only per-mount flags make sense. `operator_allowed` are extra
 /// options the operator enabled with `--allow-mount-option` (e.g. `suid`, `dev`).
-pub fn parse(
-    mount_flags: &[String],
-    fs: Option<FsType>,
-    operator_allowed: &[String],
-) -> Result<MountOptions> {
-    let mut options = MountOptions {
-        flags: MsFlags::empty(),
-        data: Vec::new(),
-    };
+pub fn parse(mount_flags: &[String], fs: Option<FsType>, operator_allowed: &[String]) -> Result<MountOptions> {
+    let mut options = MountOptions { flags: MsFlags::empty(), data: Vec::new() };
     let mut want_suid = false;
     let mut want_dev = false;
-    for option in mount_flags
-        .iter()
-        .flat_map(|f| f.split(','))
-        .map(str::trim)
-        .filter(|o| !o.is_empty())
-    {
+    for option in mount_flags.iter().flat_map(|f| f.split(',')).map(str::trim).filter(|o| !o.is_empty()) {
         let operator_ok = operator_allowed.iter().any(|a| a == option);
         if let Some(f) = flag(option) {
             options.flags |= f;
@@ -116,8 +93,7 @@ pub fn parse(
         } else {
             return Err(Error::InvalidArgument(format!(
                 "mount option {option:?} is not allowed{}",
-                fs.map(|fs| format!(" for {}", fs.as_str()))
-                    .unwrap_or_default()
+                fs.map(|fs| format!(" for {}", fs.as_str())).unwrap_or_default()
             )));
         }
     }
@@ -140,15 +116,10 @@ mod tests {
 
     #[test]
     fn splits_flags_from_data_options_and_hardens_by_default() {
-        let parsed = parse(
-            &strings(&["noatime,ro", "discard", "commit=30"]),
-            Some(FsType::Ext4),
-            &[],
-        )
-        .unwrap();
-        assert!(parsed.flags.contains(
-            MsFlags::MS_NOATIME | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV
-        ));
+        let parsed = parse(&strings(&["noatime,ro", "discard", "commit=30"]), Some(FsType::Ext4), &[]).unwrap();
+        assert!(
+            parsed.flags.contains(MsFlags::MS_NOATIME | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV)
+        );
         assert_eq!(parsed.data_string(), "discard,commit=30");
         let xfs = parse(&strings(&["nouuid"]), Some(FsType::Xfs), &[]).unwrap();
         assert_eq!(xfs.data, vec!["nouuid".to_owned()]);
@@ -165,29 +136,11 @@ mod tests {
 
     #[test]
     fn refuses_escalation_and_unknown_options() {
-        for bad in [
-            "suid",
-            "dev",
-            "errors=panic",
-            "data=bogus",
-            "commit=abc",
-            "nouuid",
-            "x-mount.mkdir",
-            "bind",
-        ] {
+        for bad in ["suid", "dev", "errors=panic", "data=bogus", "commit=abc", "nouuid", "x-mount.mkdir", "bind"] {
             let err = parse(&strings(&[bad]), Some(FsType::Ext4), &[]).unwrap_err();
             assert!(matches!(err, Error::InvalidArgument(_)), "{bad}");
         }
-        let allowed = parse(
-            &strings(&["suid", "dev"]),
-            Some(FsType::Ext4),
-            &strings(&["suid", "dev"]),
-        )
-        .unwrap();
-        assert!(
-            !allowed
-                .flags
-                .intersects(MsFlags::MS_NOSUID | MsFlags::MS_NODEV)
-        );
+        let allowed = parse(&strings(&["suid", "dev"]), Some(FsType::Ext4), &strings(&["suid", "dev"])).unwrap();
+        assert!(!allowed.flags.intersects(MsFlags::MS_NOSUID | MsFlags::MS_NODEV));
     }
 }

@@ -51,13 +51,8 @@ fn ensure_target(path: &Path, block: bool) -> Result<bool> {
         Ok(meta) if block && meta.is_file() => Ok(false),
         Ok(meta) if !block && meta.is_dir() => Ok(false),
         // A CO that pre-created the target as an empty directory for a block volume.
-        Ok(meta)
-            if block
-                && meta.is_dir()
-                && std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_none()) =>
-        {
-            std::fs::remove_dir(path)
-                .context(|| format!("replacing directory {}", path.display()))?;
+        Ok(meta) if block && meta.is_dir() && std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_none()) => {
+            std::fs::remove_dir(path).context(|| format!("replacing directory {}", path.display()))?;
             ensure_target(path, block)
         }
         Ok(_) => Err(Error::InvalidArgument(format!(
@@ -67,11 +62,7 @@ fn ensure_target(path: &Path, block: bool) -> Result<bool> {
         ))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let created = if block {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(path)
-                    .map(drop)
+                std::fs::OpenOptions::new().write(true).create_new(true).open(path).map(drop)
             } else {
                 std::fs::create_dir(path)
             };
@@ -97,21 +88,14 @@ fn remove_target(path: &Path) -> Result<()> {
 
 impl Engine {
     fn node_volume_id(&self, raw_id: &str) -> Result<VolumeId> {
-        VolumeId::parse(raw_id).ok_or_else(|| {
-            Error::NotFound(format!(
-                "volume {raw_id:?} does not exist on node {}",
-                self.node_id
-            ))
-        })
+        VolumeId::parse(raw_id)
+            .ok_or_else(|| Error::NotFound(format!("volume {raw_id:?} does not exist on node {}", self.node_id)))
     }
 
     fn node_record(&self, id: &VolumeId) -> Result<VolumeRecord> {
-        self.store.load(id)?.ok_or_else(|| {
-            Error::NotFound(format!(
-                "volume {id} does not exist on node {}",
-                self.node_id
-            ))
-        })
+        self.store
+            .load(id)?
+            .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist on node {}", self.node_id)))
     }
 
     fn attached_device(&self, id: &VolumeId) -> Result<Option<LoopDevice>> {
@@ -130,12 +114,7 @@ impl Engine {
         self.stage_locked(&mut record, &staging, cap)
     }
 
-    fn stage_locked(
-        &self,
-        record: &mut VolumeRecord,
-        staging: &Path,
-        cap: &Capability,
-    ) -> Result<()> {
+    fn stage_locked(&self, record: &mut VolumeRecord, staging: &Path, cap: &Capability) -> Result<()> {
         let id = record.id.clone();
         let (mount_fs, mount_flags) = match (&cap.access_type, record.layout) {
             (AccessType::Mount { mount_flags, .. }, Layout::Filesystem { fs_type }) => {
@@ -157,25 +136,21 @@ impl Engine {
         }
         let image = self.pool.image_path(&id);
         if !image.exists() {
-            return Err(Error::FailedPrecondition(format!(
-                "the image of volume {id} is missing from the pool"
-            )));
+            return Err(Error::FailedPrecondition(format!("the image of volume {id} is missing from the pool")));
         }
         let (device, attached_here) = match self.attached_device(&id)? {
             Some(device) => (device, false),
             None => {
-                let device = loopdev::attach(&image, false)
-                    .map_err(|e| Error::internal(format!("attaching volume {id}"), e))?;
+                let device =
+                    loopdev::attach(&image, false).map_err(|e| Error::internal(format!("attaching volume {id}"), e))?;
                 (device, true)
             }
         };
-        let mounted = match mount_fs {
-            Some(fs) => {
-                self.mount_staging(&id, device, staging, fs, &mount_flags, cap.mode.read_only())
-            }
+        let prepared = self.refresh_device_size(record, device).and_then(|()| match mount_fs {
+            Some(fs) => self.mount_staging(record, device, staging, fs, &mount_flags, cap.mode.read_only()),
             None => Ok(()),
-        };
-        if let Err(err) = mounted {
+        });
+        if let Err(err) = prepared {
             if attached_here {
                 let _ = loopdev::detach(device);
             }
@@ -197,17 +172,32 @@ impl Engine {
         Ok(())
     }
 
+    /// An attached device keeps the size its image had at attach time: catch up after growth.
+    fn refresh_device_size(&self, record: &VolumeRecord, device: LoopDevice) -> Result<()> {
+        let size = device.size_bytes().map_err(|e| Error::internal(format!("sizing {}", record.id), e))?;
+        if size < record.capacity_bytes {
+            device
+                .refresh_capacity()
+                .map_err(|e| Error::internal(format!("refreshing the size of {}", record.id), e))?;
+        }
+        Ok(())
+    }
+
+    /// Mounts the filesystem at the staging path: formats a blank device first, and grows a
+    /// filesystem smaller than its volume (expanded while unstaged, or restored into more space).
     fn mount_staging(
         &self,
-        id: &VolumeId,
+        record: &mut VolumeRecord,
         device: LoopDevice,
         staging: &Path,
         fs: FsType,
         mount_flags: &[String],
         read_only: bool,
     ) -> Result<()> {
+        let id = record.id.clone();
+        let dev_path = device.path();
         if let Some(existing) = mount_table()?.top_mount_at(staging) {
-            if existing.is_from(&device.path()) {
+            if existing.is_from(&dev_path) {
                 return Ok(());
             }
             return Err(Error::FailedPrecondition(format!(
@@ -221,13 +211,17 @@ impl Engine {
         if read_only {
             options.flags |= MsFlags::MS_RDONLY;
         }
+        if fs == FsType::Xfs && !options.data.iter().any(|o| o == "nouuid") {
+            // Clones and restores carry their source's UUID; XFS refuses a second mount of one.
+            options.data.push("nouuid".into());
+        }
         ensure_target(staging, false)?;
-        let dev_path = device.path();
         match mkfs::probe(&dev_path).map_err(|e| Error::internal(format!("probing {id}"), e))? {
             Probe::Blank => {
                 tracing::info!(volume_id = %id, fs = fs.as_str(), "formatting blank volume");
-                mkfs::make_filesystem(&dev_path, fs, &[])
+                mkfs::make_filesystem(&dev_path, fs, &record.mkfs_options)
                     .map_err(|e| Error::internal(format!("formatting {id}"), e))?;
+                record.filesystem_bytes = record.capacity_bytes;
             }
             Probe::Filesystem(found) if found == fs.as_str() => {}
             Probe::Filesystem(found) => {
@@ -242,34 +236,65 @@ impl Engine {
                 )));
             }
         }
-        mount::mount_filesystem(
-            &dev_path,
-            staging,
-            fs.as_str(),
-            options.flags,
-            &options.data_string(),
-        )
-        .map_err(|e| Error::internal(format!("mounting {id}"), e))
+        mount::mount_filesystem(&dev_path, staging, fs.as_str(), options.flags, &options.data_string())
+            .map_err(|e| Error::internal(format!("mounting {id}"), e))?;
+        if !read_only && record.filesystem_bytes < record.capacity_bytes {
+            if let Err(err) = mkfs::grow_filesystem(&dev_path, staging, fs) {
+                let _ = mount::unmount(staging);
+                return Err(Error::internal(format!("growing the filesystem of {id}"), err));
+            }
+            tracing::info!(volume_id = %id, bytes = record.capacity_bytes, "filesystem grown to fill its volume");
+            record.filesystem_bytes = record.capacity_bytes;
+        }
+        Ok(())
+    }
+
+    /// NodeExpandVolume: make the device and the filesystem at `path` match the volume's size.
+    pub fn node_expand_volume(&self, raw_id: &str, path_raw: &str, required: i64) -> Result<u64> {
+        require("volume_id", raw_id)?;
+        require("volume_path", path_raw)?;
+        let id = self.node_volume_id(raw_id)?;
+        let _guard = self.locks.try_lock(id.as_str())?;
+        let mut record = self.node_record(&id)?;
+        let path = PathBuf::from(path_raw);
+        let staged =
+            record
+                .staged
+                .clone()
+                .filter(|s| s.staging_path == path || record.published.contains_key(&path))
+                .ok_or_else(|| Error::NotFound(format!("volume {id} is not staged or published at {path_raw:?}")))?;
+        if required > 0 && required as u64 > record.capacity_bytes {
+            return Err(Error::OutOfRange(format!(
+                "volume {id} is {} bytes; expand it through the controller before the node",
+                record.capacity_bytes
+            )));
+        }
+        let device = self
+            .attached_device(&id)?
+            .ok_or_else(|| Error::FailedPrecondition(format!("volume {id} is not attached; stage it first")))?;
+        self.refresh_device_size(&record, device)?;
+        if let (Layout::Filesystem { fs_type }, true, false) =
+            (record.layout, staged.filesystem_mounted, staged.read_only)
+            && record.filesystem_bytes < record.capacity_bytes
+        {
+            mkfs::grow_filesystem(&device.path(), &staged.staging_path, fs_type)
+                .map_err(|e| Error::internal(format!("growing the filesystem of {id}"), e))?;
+            record.filesystem_bytes = record.capacity_bytes;
+            self.store.save(&record)?;
+            tracing::info!(volume_id = %id, bytes = record.capacity_bytes, "filesystem grown online");
+        }
+        device.size_bytes().map_err(|e| Error::internal(format!("sizing {id}"), e))
     }
 
     /// Whether the volume is staged at `staging` right now (record and reality agree).
-    fn staged_at(
-        &self,
-        record: &VolumeRecord,
-        staging: &Path,
-        table: &MountTable,
-    ) -> Result<Option<LoopDevice>> {
+    fn staged_at(&self, record: &VolumeRecord, staging: &Path, table: &MountTable) -> Result<Option<LoopDevice>> {
         let Some(staged) = record.staged.as_ref().filter(|s| s.staging_path == staging) else {
             return Ok(None);
         };
         let Some(device) = self.attached_device(&record.id)? else {
             return Ok(None);
         };
-        if staged.filesystem_mounted
-            && !table
-                .top_mount_at(staging)
-                .is_some_and(|m| m.is_from(&device.path()))
-        {
+        if staged.filesystem_mounted && !table.top_mount_at(staging).is_some_and(|m| m.is_from(&device.path())) {
             return Ok(None);
         }
         Ok(Some(device))
@@ -281,23 +306,13 @@ impl Engine {
         let id = self.node_volume_id(raw_id)?;
         let _guard = self.locks.try_lock(id.as_str())?;
         let mut record = self.node_record(&id)?;
-        let staging = self
-            .paths
-            .confine_existing("staging_target_path", staging_raw)?;
-        if record
-            .staged
-            .as_ref()
-            .is_some_and(|s| s.staging_path != staging)
-        {
+        let staging = self.paths.confine_existing("staging_target_path", staging_raw)?;
+        if record.staged.as_ref().is_some_and(|s| s.staging_path != staging) {
             // Staged somewhere else: nothing of this volume lives at this path.
             return Ok(());
         }
         let table = mount_table()?;
-        let live: Vec<&PathBuf> = record
-            .published
-            .keys()
-            .filter(|t| table.is_mount_point(t))
-            .collect();
+        let live: Vec<&PathBuf> = record.published.keys().filter(|t| table.is_mount_point(t)).collect();
         if !live.is_empty() {
             return Err(Error::FailedPrecondition(format!(
                 "volume {id} is still published at {live:?}; unpublish it first"
@@ -320,10 +335,7 @@ impl Engine {
         if let Some(device) = device {
             let table = mount_table()?;
             let device_path = device.path();
-            let others: Vec<&Path> = table
-                .mounts_of_device(&device_path)
-                .map(|m| m.mount_point.as_path())
-                .collect();
+            let others: Vec<&Path> = table.mounts_of_device(&device_path).map(|m| m.mount_point.as_path()).collect();
             if !others.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {id} ({}) is still mounted at {others:?}",
@@ -361,9 +373,7 @@ impl Engine {
         let staging = self.paths.confine("staging_target_path", staging_raw)?;
         let target = self.paths.confine("target_path", target_raw)?;
         if target == staging {
-            return Err(Error::InvalidArgument(
-                "target_path must differ from staging_target_path".into(),
-            ));
+            return Err(Error::InvalidArgument("target_path must differ from staging_target_path".into()));
         }
         let block = matches!(cap.access_type, AccessType::Block);
         let mount_flags = match &cap.access_type {
@@ -388,29 +398,21 @@ impl Engine {
                 self.stage_locked(
                     &mut record,
                     &staging,
-                    &Capability {
-                        access_type: AccessType::Block,
-                        mode: cap.mode,
-                    },
+                    &Capability { access_type: AccessType::Block, mode: cap.mode },
                 )?;
                 table = mount_table()?;
-                self.attached_device(&id)?
-                    .ok_or_else(|| Error::internal("re-staging", "device vanished"))?
+                self.attached_device(&id)?.ok_or_else(|| Error::internal("re-staging", "device vanished"))?
             }
             None => {
                 tracing::info!(volume_id = %id, "not staged at {}; staging again before publish", staging.display());
                 self.stage_locked(&mut record, &staging, cap)?;
                 table = mount_table()?;
-                self.attached_device(&id)?
-                    .ok_or_else(|| Error::internal("re-staging", "device vanished"))?
+                self.attached_device(&id)?.ok_or_else(|| Error::internal("re-staging", "device vanished"))?
             }
         };
         if cap.mode.single_writer() {
-            let others: Vec<&PathBuf> = record
-                .published
-                .keys()
-                .filter(|t| **t != target && table.is_mount_point(t))
-                .collect();
+            let others: Vec<&PathBuf> =
+                record.published.keys().filter(|t| **t != target && table.is_mount_point(t)).collect();
             if !others.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {id} has a single-writer access mode and is already published at {others:?}"
@@ -425,10 +427,7 @@ impl Engine {
                 existing.is_from(&device.path())
             };
             let recorded = record.published.get(&target);
-            if same_device
-                && existing.is_read_only() == read_only
-                && recorded.is_none_or(|p| p.block == block)
-            {
+            if same_device && existing.is_read_only() == read_only && recorded.is_none_or(|p| p.block == block) {
                 return Ok(());
             }
             return Err(Error::AlreadyExists(format!(
@@ -438,25 +437,14 @@ impl Engine {
         }
 
         let created = ensure_target(&target, block)?;
-        let source = if block {
-            device.path()
-        } else {
-            staging.clone()
-        };
+        let source = if block { device.path() } else { staging.clone() };
         if let Err(err) = mount::bind(&source, &target, options.flags) {
             if created {
                 let _ = remove_target(&target);
             }
             return Err(Error::internal(format!("publishing {id}"), err));
         }
-        record.published.insert(
-            target.clone(),
-            Published {
-                read_only,
-                block,
-                mount_flags,
-            },
-        );
+        record.published.insert(target.clone(), Published { read_only, block, mount_flags });
         if let Err(err) = self.store.save(&record) {
             let _ = mount::unmount(&target);
             return Err(err);
@@ -475,17 +463,14 @@ impl Engine {
         let table = mount_table()?;
         if let Some(existing) = table.top_mount_at(&target) {
             let ours = record.published.contains_key(&target)
-                || self
-                    .attached_device(&id)?
-                    .is_some_and(|d| existing.is_from(&d.path()));
+                || self.attached_device(&id)?.is_some_and(|d| existing.is_from(&d.path()));
             if !ours {
                 return Err(Error::FailedPrecondition(format!(
                     "target path {} holds a mount that is not volume {id}; leaving it alone",
                     target.display()
                 )));
             }
-            mount::unmount(&target)
-                .map_err(|e| Error::internal(format!("unpublishing {id}"), e))?;
+            mount::unmount(&target).map_err(|e| Error::internal(format!("unpublishing {id}"), e))?;
         }
         remove_target(&target)?;
         if record.published.remove(&target).is_some() {
@@ -495,17 +480,21 @@ impl Engine {
         Ok(())
     }
 
-    pub fn volume_stats(&self, raw_id: &str, path_raw: &str) -> Result<VolumeStats> {
+    /// Usage figures for `path` and the volume's condition.
+    pub fn volume_stats(&self, raw_id: &str, path_raw: &str) -> Result<(VolumeStats, Option<String>)> {
+        let stats = self.volume_usage(raw_id, path_raw)?;
+        let record = self.node_record(&self.node_volume_id(raw_id)?)?;
+        Ok((stats, self.volume_condition(&record)?))
+    }
+
+    fn volume_usage(&self, raw_id: &str, path_raw: &str) -> Result<VolumeStats> {
         require("volume_id", raw_id)?;
         require("volume_path", path_raw)?;
         let id = self.node_volume_id(raw_id)?;
         let record = self.node_record(&id)?;
         let path = PathBuf::from(path_raw);
-        let not_here = || {
-            Error::NotFound(format!(
-                "{path_raw:?} is not a path where volume {id} is staged or published"
-            ))
-        };
+        let not_here =
+            || Error::NotFound(format!("{path_raw:?} is not a path where volume {id} is staged or published"));
         let block = match (record.published.get(&path), &record.staged) {
             (Some(published), _) => published.block,
             (None, Some(staged)) if staged.staging_path == path => !staged.filesystem_mounted,
@@ -513,20 +502,46 @@ impl Engine {
         };
         let device = self.attached_device(&id)?.ok_or_else(not_here)?;
         if block || record.layout == Layout::Block {
-            let total_bytes = device
-                .size_bytes()
-                .map_err(|e| Error::internal(format!("sizing {id}"), e))?;
+            let total_bytes = device.size_bytes().map_err(|e| Error::internal(format!("sizing {id}"), e))?;
             return Ok(VolumeStats::Block { total_bytes });
         }
-        if !mount_table()?
-            .top_mount_at(&path)
-            .is_some_and(|m| m.is_from(&device.path()))
-        {
+        if !mount_table()?.top_mount_at(&path).is_some_and(|m| m.is_from(&device.path())) {
             return Err(not_here());
         }
-        statfs::usage(&path)
-            .map(VolumeStats::Filesystem)
-            .context(|| format!("statfs {}", path.display()))
+        statfs::usage(&path).map(VolumeStats::Filesystem).context(|| format!("statfs {}", path.display()))
+    }
+
+    /// Health of a volume on this node: `None` when normal, otherwise what is wrong.
+    pub fn volume_condition(&self, record: &VolumeRecord) -> Result<Option<String>> {
+        if !self.pool.image_exists(&record.id) {
+            return Ok(Some(format!("the image file of {} is missing from the pool", record.id)));
+        }
+        let Some(staged) = &record.staged else { return Ok(None) };
+        let Some(device) = self.attached_device(&record.id)? else {
+            return Ok(Some(format!("staged at {} but its loop device is gone", staged.staging_path.display())));
+        };
+        let table = mount_table()?;
+        let device_path = device.path();
+        if staged.filesystem_mounted
+            && !table.top_mount_at(&staged.staging_path).is_some_and(|m| m.is_from(&device_path))
+        {
+            return Ok(Some(format!("the staging mount at {} has vanished", staged.staging_path.display())));
+        }
+        for target in record.published.keys() {
+            if !table.is_mount_point(target) {
+                return Ok(Some(format!("the publish mount at {} has vanished", target.display())));
+            }
+        }
+        if record.layout.fs_type() == Some(FsType::Ext4) && staged.filesystem_mounted {
+            let errors = std::fs::read_to_string(format!(
+                "/sys/fs/ext4/{}/errors_count",
+                device_path.file_name().unwrap_or_default().to_string_lossy()
+            ));
+            if let Some(count) = errors.ok().and_then(|t| t.trim().parse::<u64>().ok()).filter(|&n| n > 0) {
+                return Ok(Some(format!("the ext4 filesystem has recorded {count} error(s); run fsck")));
+            }
+        }
+        Ok(None)
     }
 
     /// Brings the node back to what the records say after a restart or reboot: re-attach and
@@ -537,46 +552,31 @@ impl Engine {
         let records = match self.store.list() {
             Ok(records) => records,
             Err(err) => {
-                report
-                    .problems
-                    .push(format!("listing volumes: {}", err.chain()));
+                report.problems.push(format!("listing volumes: {}", err.chain()));
                 return report;
             }
         };
         for record in &records {
             if let Err(err) = self.reconcile_volume(record.clone(), &mut report) {
-                report
-                    .problems
-                    .push(format!("{}: {}", record.id, err.chain()));
+                report.problems.push(format!("{}: {}", record.id, err.chain()));
             }
         }
         if let Ok(orphans) = self.pool.orphan_images(&records) {
             for orphan in orphans {
-                report.problems.push(format!(
-                    "image {} has no volume record; left in place",
-                    orphan.display()
-                ));
+                report.problems.push(format!("image {} has no volume record; left in place", orphan.display()));
             }
         }
         report
     }
 
-    fn reconcile_volume(
-        &self,
-        mut record: VolumeRecord,
-        report: &mut ReconcileReport,
-    ) -> Result<()> {
+    fn reconcile_volume(&self, mut record: VolumeRecord, report: &mut ReconcileReport) -> Result<()> {
         let id = record.id.clone();
         let _guard = self.locks.try_lock(id.as_str())?;
         let Some(staged) = record.staged.clone() else {
             if let Some(device) = self.attached_device(&id)?
-                && mount_table()?
-                    .mounts_of_device(&device.path())
-                    .next()
-                    .is_none()
+                && mount_table()?.mounts_of_device(&device.path()).next().is_none()
             {
-                loopdev::detach(device)
-                    .map_err(|e| Error::internal("detaching leaked device", e))?;
+                loopdev::detach(device).map_err(|e| Error::internal("detaching leaked device", e))?;
                 report.detached.push(id.to_string());
             }
             return Ok(());
@@ -596,23 +596,12 @@ impl Engine {
             AccessType::Block
         };
         let table = mount_table()?;
-        if self
-            .staged_at(&record, &staged.staging_path, &table)?
-            .is_none()
-        {
-            self.stage_locked(
-                &mut record,
-                &staged.staging_path,
-                &Capability { access_type, mode },
-            )?;
-            report
-                .restored
-                .push(format!("{id} staged at {}", staged.staging_path.display()));
+        if self.staged_at(&record, &staged.staging_path, &table)?.is_none() {
+            self.stage_locked(&mut record, &staged.staging_path, &Capability { access_type, mode })?;
+            report.restored.push(format!("{id} staged at {}", staged.staging_path.display()));
         }
         let table = mount_table()?;
-        let device = self
-            .attached_device(&id)?
-            .ok_or_else(|| Error::internal("reconcile", "device vanished"))?;
+        let device = self.attached_device(&id)?.ok_or_else(|| Error::internal("reconcile", "device vanished"))?;
         let mut changed = false;
         for (target, published) in record.published.clone() {
             if table.is_mount_point(&target) {
@@ -623,25 +612,14 @@ impl Engine {
                 changed = true;
                 continue;
             }
-            let source = if published.block {
-                device.path()
-            } else {
-                staged.staging_path.clone()
-            };
-            let mut flags = if published.block {
-                MsFlags::MS_NOSUID
-            } else {
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV
-            };
+            let source = if published.block { device.path() } else { staged.staging_path.clone() };
+            let mut flags = if published.block { MsFlags::MS_NOSUID } else { MsFlags::MS_NOSUID | MsFlags::MS_NODEV };
             if published.read_only {
                 flags |= MsFlags::MS_RDONLY;
             }
             ensure_target(&target, published.block)?;
-            mount::bind(&source, &target, flags)
-                .map_err(|e| Error::internal("restoring publication", e))?;
-            report
-                .restored
-                .push(format!("{id} published at {}", target.display()));
+            mount::bind(&source, &target, flags).map_err(|e| Error::internal("restoring publication", e))?;
+            report.restored.push(format!("{id} published at {}", target.display()));
         }
         if changed {
             self.store.save(&record)?;

@@ -36,30 +36,20 @@ impl PathPolicy {
             return Err(Error::InvalidArgument(format!("{what} is required")));
         }
         if raw.len() > MAX_PATH_LEN || raw.contains('\0') {
-            return Err(Error::InvalidArgument(format!(
-                "{what} is not a usable path"
-            )));
+            return Err(Error::InvalidArgument(format!("{what} is not a usable path")));
         }
         let path = Path::new(raw);
         if !path.is_absolute() {
-            return Err(Error::InvalidArgument(format!(
-                "{what} {raw:?} must be absolute"
-            )));
+            return Err(Error::InvalidArgument(format!("{what} {raw:?} must be absolute")));
         }
-        let normal = path
-            .components()
-            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+        let normal = path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
         let rebuilt: PathBuf = path.components().collect();
         if !normal || rebuilt.as_os_str() != path.as_os_str() {
             return Err(Error::InvalidArgument(format!(
                 "{what} {raw:?} must be in normal form (no '.', '..', '//' or trailing '/')"
             )));
         }
-        if !self
-            .roots
-            .iter()
-            .any(|root| path.starts_with(root) && path != root)
-        {
+        if !self.roots.iter().any(|root| path.starts_with(root) && path != root) {
             return Err(Error::InvalidArgument(format!(
                 "{what} {raw:?} is outside the allowed roots {:?}",
                 self.roots
@@ -81,37 +71,23 @@ impl PathPolicy {
 
     fn check(&self, what: &str, raw: &str, create_parents: bool) -> Result<PathBuf> {
         let path = self.check_lexically(what, raw)?;
-        let parent = path
-            .parent()
-            .expect("a path strictly inside a root has a parent");
+        let parent = path.parent().expect("a path strictly inside a root has a parent");
         if create_parents {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                Error::internal(
-                    format!("creating the parent of {what} {}", path.display()),
-                    e,
-                )
-            })?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::internal(format!("creating the parent of {what} {}", path.display()), e))?;
         } else if !parent.exists() {
             return Ok(path);
         }
-        let canonical_parent = std::fs::canonicalize(parent).map_err(|e| {
-            Error::internal(
-                format!("resolving the parent of {what} {}", path.display()),
-                e,
-            )
-        })?;
+        let canonical_parent = std::fs::canonicalize(parent)
+            .map_err(|e| Error::internal(format!("resolving the parent of {what} {}", path.display()), e))?;
         if canonical_parent != parent {
             return Err(Error::InvalidArgument(format!(
                 "{what} {raw:?} goes through a symlink (resolves to {}); refusing",
-                canonical_parent
-                    .join(path.file_name().unwrap_or_default())
-                    .display()
+                canonical_parent.join(path.file_name().unwrap_or_default()).display()
             )));
         }
         if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
-            return Err(Error::InvalidArgument(format!(
-                "{what} {raw:?} is a symlink; refusing"
-            )));
+            return Err(Error::InvalidArgument(format!("{what} {raw:?} is a symlink; refusing")));
         }
         Ok(path)
     }
@@ -131,10 +107,7 @@ mod tests {
         let p = policy(dir.path());
         let root = p.roots()[0].clone();
         let inside = root.join("pods/x/volumes/mount");
-        assert_eq!(
-            p.confine("target_path", inside.to_str().unwrap()).unwrap(),
-            inside
-        );
+        assert_eq!(p.confine("target_path", inside.to_str().unwrap()).unwrap(), inside);
         assert!(inside.parent().unwrap().is_dir());
     }
 
@@ -156,10 +129,7 @@ mod tests {
             format!("{root}/a\0b"),
         ] {
             let err = p.confine("target_path", &bad).unwrap_err();
-            assert!(
-                matches!(err, Error::InvalidArgument(_)),
-                "{bad:?} → {err:?}"
-            );
+            assert!(matches!(err, Error::InvalidArgument(_)), "{bad:?} → {err:?}");
         }
     }
 
@@ -173,10 +143,7 @@ mod tests {
         std::os::unix::fs::symlink(outside.path(), root.join("target")).unwrap();
         for bad in [root.join("escape/target"), root.join("target")] {
             let err = p.confine("target_path", bad.to_str().unwrap()).unwrap_err();
-            assert!(
-                matches!(err, Error::InvalidArgument(ref m) if m.contains("symlink")),
-                "{bad:?} → {err:?}"
-            );
+            assert!(matches!(err, Error::InvalidArgument(ref m) if m.contains("symlink")), "{bad:?} → {err:?}");
         }
     }
 }

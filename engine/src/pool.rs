@@ -6,11 +6,25 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Context, Error, Result};
-use crate::ids::VolumeId;
+use crate::ids::{SnapshotId, VolumeId};
 use crate::model::{Provisioning, VolumeRecord};
+use crate::sys::copy::{self, CopyMethod};
 use crate::sys::statfs;
 
 const PARTIAL_SUFFIX: &str = ".img.partial";
+const SNAPSHOT_DIR: &str = "snapshots";
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).context(|| format!("syncing {}", dir.display()))
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).context(|| format!("removing {}", path.display())),
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Pool {
@@ -53,23 +67,80 @@ pub fn available_bytes(
 
 impl Pool {
     pub fn open(dir: PathBuf, capacity_limit: Option<u64>) -> std::io::Result<Self> {
-        std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(dir.join(SNAPSHOT_DIR))?;
         let dir = std::fs::canonicalize(&dir)?;
-        for entry in std::fs::read_dir(&dir)? {
-            let entry = entry?;
-            if entry
-                .file_name()
-                .to_string_lossy()
-                .ends_with(PARTIAL_SUFFIX)
-            {
-                // An image whose creation was interrupted; it was never handed out.
-                std::fs::remove_file(entry.path())?;
+        for folder in [dir.clone(), dir.join(SNAPSHOT_DIR)] {
+            for entry in std::fs::read_dir(&folder)? {
+                let entry = entry?;
+                if entry.file_name().to_string_lossy().ends_with(PARTIAL_SUFFIX) {
+                    // An image whose creation was interrupted; it was never handed out.
+                    std::fs::remove_file(entry.path())?;
+                }
             }
         }
-        Ok(Self {
-            dir,
-            capacity_limit,
-        })
+        Ok(Self { dir, capacity_limit })
+    }
+
+    /// Snapshot images live inside the pool so reflinks (same filesystem only) are possible.
+    pub fn snapshot_path(&self, id: &SnapshotId) -> PathBuf {
+        self.dir.join(SNAPSHOT_DIR).join(format!("{id}.img"))
+    }
+
+    /// Copies `source` into a new snapshot image (reflink when possible), complete or not at all.
+    pub fn copy_to_snapshot(&self, source: &Path, id: &SnapshotId) -> Result<CopyMethod> {
+        let partial = self.dir.join(SNAPSHOT_DIR).join(format!("{id}{PARTIAL_SUFFIX}"));
+        let _ = std::fs::remove_file(&partial);
+        let result = (|| -> Result<CopyMethod> {
+            let method = copy::copy_image(source, &partial).context(|| format!("snapshotting into {id}"))?;
+            std::fs::rename(&partial, self.snapshot_path(id)).context(|| format!("publishing snapshot {id}"))?;
+            sync_dir(&self.dir.join(SNAPSHOT_DIR))?;
+            Ok(method)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        result
+    }
+
+    pub fn remove_snapshot_image(&self, id: &SnapshotId) -> Result<()> {
+        remove_if_present(&self.snapshot_path(id))?;
+        sync_dir(&self.dir.join(SNAPSHOT_DIR))
+    }
+
+    /// Creates a volume image as a copy of `source` (a snapshot or volume image), grown to
+    /// `size`; thick volumes get every block allocated after the copy.
+    pub fn create_image_from(
+        &self,
+        source: &Path,
+        id: &VolumeId,
+        size: u64,
+        provisioning: Provisioning,
+    ) -> Result<CopyMethod> {
+        let partial = self.dir.join(format!("{id}{PARTIAL_SUFFIX}"));
+        let _ = std::fs::remove_file(&partial);
+        let result = (|| -> Result<CopyMethod> {
+            let method = copy::copy_image(source, &partial).context(|| format!("copying data into {id}"))?;
+            let file =
+                OpenOptions::new().write(true).open(&partial).context(|| format!("opening {}", partial.display()))?;
+            if file.metadata().context(|| format!("stat {}", partial.display()))?.len() > size {
+                return Err(Error::OutOfRange(format!("the source is larger than the requested {size} bytes")));
+            }
+            match provisioning {
+                Provisioning::Thin => file.set_len(size).context(|| format!("sizing {}", partial.display()))?,
+                Provisioning::Thick => preallocate(&file, size).map_err(|e| match e {
+                    nix::Error::ENOSPC => Error::ResourceExhausted(format!("the pool has no room to preallocate {id}")),
+                    other => Error::internal(format!("preallocating {}", partial.display()), other),
+                })?,
+            }
+            file.sync_all().context(|| format!("syncing {}", partial.display()))?;
+            std::fs::rename(&partial, self.image_path(id)).context(|| format!("publishing image of {id}"))?;
+            sync_dir(&self.dir)?;
+            Ok(method)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        result
     }
 
     pub fn dir(&self) -> &Path {
@@ -86,19 +157,13 @@ impl Pool {
 
     /// Bytes the image occupies on disk (0 when missing).
     pub fn allocated_bytes(&self, id: &VolumeId) -> u64 {
-        std::fs::metadata(self.image_path(id))
-            .map(|m| m.blocks() * 512)
-            .unwrap_or(0)
+        std::fs::metadata(self.image_path(id)).map(|m| m.blocks() * 512).unwrap_or(0)
     }
 
     pub fn capacity(&self, records: &[VolumeRecord]) -> Result<Capacity> {
-        let usage =
-            statfs::usage(&self.dir).context(|| format!("statfs {}", self.dir.display()))?;
-        let volumes = records
-            .iter()
-            .map(|r| (r.capacity_bytes, self.allocated_bytes(&r.id)));
-        let (available, provisioned, allocated) =
-            available_bytes(usage.available_bytes, volumes, self.capacity_limit);
+        let usage = statfs::usage(&self.dir).context(|| format!("statfs {}", self.dir.display()))?;
+        let volumes = records.iter().map(|r| (r.capacity_bytes, self.allocated_bytes(&r.id)));
+        let (available, provisioned, allocated) = available_bytes(usage.available_bytes, volumes, self.capacity_limit);
         Ok(Capacity {
             available_bytes: available,
             provisioned_bytes: provisioned,
@@ -119,9 +184,7 @@ impl Pool {
                 .open(&partial)
                 .context(|| format!("creating {}", partial.display()))?;
             match provisioning {
-                Provisioning::Thin => file
-                    .set_len(size)
-                    .context(|| format!("sizing {}", partial.display()))?,
+                Provisioning::Thin => file.set_len(size).context(|| format!("sizing {}", partial.display()))?,
                 Provisioning::Thick => preallocate(&file, size).map_err(|e| match e {
                     nix::Error::ENOSPC => Error::ResourceExhausted(format!(
                         "the pool filesystem has no room to preallocate {size} bytes for {id}"
@@ -129,13 +192,9 @@ impl Pool {
                     other => Error::internal(format!("preallocating {}", partial.display()), other),
                 })?,
             }
-            file.sync_all()
-                .context(|| format!("syncing {}", partial.display()))?;
-            std::fs::rename(&partial, self.image_path(id))
-                .context(|| format!("publishing image of {id}"))?;
-            File::open(&self.dir)
-                .and_then(|d| d.sync_all())
-                .context(|| format!("syncing {}", self.dir.display()))
+            file.sync_all().context(|| format!("syncing {}", partial.display()))?;
+            std::fs::rename(&partial, self.image_path(id)).context(|| format!("publishing image of {id}"))?;
+            File::open(&self.dir).and_then(|d| d.sync_all()).context(|| format!("syncing {}", self.dir.display()))
         })();
         if result.is_err() {
             let _ = std::fs::remove_file(&partial);
@@ -146,49 +205,30 @@ impl Pool {
     /// Grows an existing image (thin: set_len; thick: also allocate the new blocks).
     pub fn grow_image(&self, id: &VolumeId, size: u64, provisioning: Provisioning) -> Result<()> {
         let path = self.image_path(id);
-        let file = OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .context(|| format!("opening {}", path.display()))?;
+        let file = OpenOptions::new().write(true).open(&path).context(|| format!("opening {}", path.display()))?;
         match provisioning {
-            Provisioning::Thin => file
-                .set_len(size)
-                .context(|| format!("growing {}", path.display()))?,
+            Provisioning::Thin => file.set_len(size).context(|| format!("growing {}", path.display()))?,
             Provisioning::Thick => preallocate(&file, size).map_err(|e| match e {
-                nix::Error::ENOSPC => Error::ResourceExhausted(format!(
-                    "the pool has no room to grow {id} to {size} bytes"
-                )),
+                nix::Error::ENOSPC => {
+                    Error::ResourceExhausted(format!("the pool has no room to grow {id} to {size} bytes"))
+                }
                 other => Error::internal(format!("growing {}", path.display()), other),
             })?,
         }
-        file.sync_all()
-            .context(|| format!("syncing {}", path.display()))
+        file.sync_all().context(|| format!("syncing {}", path.display()))
     }
 
     pub fn remove_image(&self, id: &VolumeId) -> Result<()> {
-        let path = self.image_path(id);
-        match std::fs::remove_file(&path) {
-            Ok(()) => File::open(&self.dir)
-                .and_then(|d| d.sync_all())
-                .context(|| format!("syncing {}", self.dir.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e).context(|| format!("removing {}", path.display())),
-        }
+        remove_if_present(&self.image_path(id))?;
+        sync_dir(&self.dir)
     }
 
     /// Image files with no record: left by a crash between image and record, or by hand.
     pub fn orphan_images(&self, records: &[VolumeRecord]) -> Result<Vec<PathBuf>> {
         let mut orphans = Vec::new();
-        for entry in
-            std::fs::read_dir(&self.dir).context(|| format!("listing {}", self.dir.display()))?
-        {
-            let path = entry
-                .context(|| format!("listing {}", self.dir.display()))?
-                .path();
-            let id = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".img"));
+        for entry in std::fs::read_dir(&self.dir).context(|| format!("listing {}", self.dir.display()))? {
+            let path = entry.context(|| format!("listing {}", self.dir.display()))?.path();
+            let id = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".img"));
             if let Some(id) = id.and_then(VolumeId::parse)
                 && !records.iter().any(|r| r.id == id)
             {
@@ -205,12 +245,7 @@ impl Pool {
 }
 
 fn preallocate(file: &File, size: u64) -> nix::Result<()> {
-    nix::fcntl::fallocate(
-        file,
-        nix::fcntl::FallocateFlags::empty(),
-        0,
-        size as libc::off_t,
-    )
+    nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), 0, size as libc::off_t)
 }
 
 #[cfg(test)]
@@ -224,19 +259,10 @@ mod tests {
         let (available, provisioned, allocated) = available_bytes(10 * gib, [(4 * gib, gib)], None);
         assert_eq!((available, provisioned, allocated), (7 * gib, 4 * gib, gib));
         // Thick volumes are fully allocated: nothing further to reserve.
-        assert_eq!(
-            available_bytes(10 * gib, [(4 * gib, 4 * gib)], None).0,
-            10 * gib
-        );
+        assert_eq!(available_bytes(10 * gib, [(4 * gib, 4 * gib)], None).0, 10 * gib);
         // The operator's ceiling applies to the sum of sizes.
-        assert_eq!(
-            available_bytes(10 * gib, [(4 * gib, 4 * gib)], Some(6 * gib)).0,
-            2 * gib
-        );
-        assert_eq!(
-            available_bytes(10 * gib, [(8 * gib, 0)], Some(6 * gib)).0,
-            0
-        );
+        assert_eq!(available_bytes(10 * gib, [(4 * gib, 4 * gib)], Some(6 * gib)).0, 2 * gib);
+        assert_eq!(available_bytes(10 * gib, [(8 * gib, 0)], Some(6 * gib)).0, 0);
         assert_eq!(available_bytes(gib, [(8 * gib, 0)], None).0, 0);
     }
 
@@ -245,27 +271,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pool = Pool::open(dir.path().join("pool"), None).unwrap();
         let (thin, thick) = (VolumeId::for_name("thin"), VolumeId::for_name("thick"));
-        pool.create_image(&thin, 64 << 20, Provisioning::Thin)
-            .unwrap();
-        pool.create_image(&thick, 8 << 20, Provisioning::Thick)
-            .unwrap();
-        assert_eq!(
-            std::fs::metadata(pool.image_path(&thin)).unwrap().len(),
-            64 << 20
-        );
-        assert!(
-            pool.allocated_bytes(&thin) < 1 << 20,
-            "thin image must be sparse"
-        );
-        assert!(
-            pool.allocated_bytes(&thick) >= 8 << 20,
-            "thick image must be preallocated"
-        );
+        pool.create_image(&thin, 64 << 20, Provisioning::Thin).unwrap();
+        pool.create_image(&thick, 8 << 20, Provisioning::Thick).unwrap();
+        assert_eq!(std::fs::metadata(pool.image_path(&thin)).unwrap().len(), 64 << 20);
+        assert!(pool.allocated_bytes(&thin) < 1 << 20, "thin image must be sparse");
+        assert!(pool.allocated_bytes(&thick) >= 8 << 20, "thick image must be preallocated");
         let records: Vec<VolumeRecord> = vec![];
         assert_eq!(pool.orphan_images(&records).unwrap().len(), 2);
         pool.remove_image(&thin).unwrap();
         pool.remove_image(&thin).unwrap();
         pool.remove_image(&thick).unwrap();
-        assert_eq!(std::fs::read_dir(pool.dir()).unwrap().count(), 0);
+        assert_eq!(std::fs::read_dir(pool.dir()).unwrap().count(), 1, "only the snapshots folder is left");
     }
 }

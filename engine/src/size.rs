@@ -10,14 +10,10 @@ pub const TIB: u64 = 1 << 40;
 /// Parses "1GiB", "512Mi", "10G" (decimal), "4096". Rejects anything ambiguous or overflowing.
 pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
     if digits.is_empty() {
-        return Err(format!(
-            "{text:?} is not a size: expected e.g. 1GiB, 512Mi or 10G"
-        ));
+        return Err(format!("{text:?} is not a size: expected e.g. 1GiB, 512Mi or 10G"));
     }
     let multiplier = match unit.trim() {
         "" | "B" => 1,
@@ -30,9 +26,7 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
         "Gi" | "GiB" => GIB,
         "Ti" | "TiB" => TIB,
         other => {
-            return Err(format!(
-                "unknown size unit {other:?}: use KiB, MiB, GiB, TiB (or Ki, Mi, Gi, Ti)"
-            ));
+            return Err(format!("unknown size unit {other:?}: use KiB, MiB, GiB, TiB (or Ki, Mi, Gi, Ti)"));
         }
     };
     digits
@@ -90,9 +84,7 @@ pub fn resolve_capacity(required: i64, limit: i64, default: u64, minimum: u64) -
         )));
     }
     if size > i64::MAX as u64 {
-        return Err(Error::OutOfRange(format!(
-            "{size} bytes is larger than CSI can express"
-        )));
+        return Err(Error::OutOfRange(format!("{size} bytes is larger than CSI can express")));
     }
     Ok(size)
 }
@@ -108,15 +100,7 @@ mod tests {
         assert_eq!(parse_size("2 TiB"), Ok(2 * TIB));
         assert_eq!(parse_size("10G"), Ok(10_000_000_000));
         assert_eq!(parse_size("4096"), Ok(4096));
-        for bad in [
-            "",
-            "GiB",
-            "1.5GiB",
-            "1XB",
-            "-1",
-            "99999999999999999999",
-            "9000000TiB",
-        ] {
+        for bad in ["", "GiB", "1.5GiB", "1XB", "-1", "99999999999999999999", "9000000TiB"] {
             assert!(parse_size(bad).is_err(), "{bad:?}");
         }
     }
@@ -132,45 +116,18 @@ mod tests {
     fn resolves_capacity_ranges() {
         assert_eq!(resolve_capacity(0, 0, GIB, MIB).unwrap(), GIB);
         assert_eq!(resolve_capacity(1, 0, GIB, MIB).unwrap(), MIB);
-        assert_eq!(
-            resolve_capacity((MIB + 1) as i64, 0, GIB, MIB).unwrap(),
-            2 * MIB
-        );
-        assert_eq!(
-            resolve_capacity(0, (10 * MIB) as i64, GIB, MIB).unwrap(),
-            10 * MIB
-        );
-        assert_eq!(
-            resolve_capacity((10 * MIB) as i64, 0, GIB, 300 * MIB).unwrap(),
-            300 * MIB
-        );
-        assert_eq!(
-            resolve_capacity((10 * MIB) as i64, (400 * MIB) as i64, GIB, 300 * MIB).unwrap(),
-            300 * MIB
-        );
+        assert_eq!(resolve_capacity((MIB + 1) as i64, 0, GIB, MIB).unwrap(), 2 * MIB);
+        assert_eq!(resolve_capacity(0, (10 * MIB) as i64, GIB, MIB).unwrap(), 10 * MIB);
+        assert_eq!(resolve_capacity((10 * MIB) as i64, 0, GIB, 300 * MIB).unwrap(), 300 * MIB);
+        assert_eq!(resolve_capacity((10 * MIB) as i64, (400 * MIB) as i64, GIB, 300 * MIB).unwrap(), 300 * MIB);
     }
 
     #[test]
     fn rejects_impossible_ranges() {
-        assert!(matches!(
-            resolve_capacity(-1, 0, GIB, MIB),
-            Err(Error::InvalidArgument(_))
-        ));
-        assert!(matches!(
-            resolve_capacity(10, 5, GIB, MIB),
-            Err(Error::OutOfRange(_))
-        ));
-        assert!(matches!(
-            resolve_capacity(1, 1000, GIB, MIB),
-            Err(Error::OutOfRange(_))
-        ));
-        assert!(matches!(
-            resolve_capacity(0, (200 * MIB) as i64, GIB, 300 * MIB),
-            Err(Error::OutOfRange(_))
-        ));
-        assert!(matches!(
-            resolve_capacity(i64::MAX, 0, GIB, MIB),
-            Err(Error::OutOfRange(_))
-        ));
+        assert!(matches!(resolve_capacity(-1, 0, GIB, MIB), Err(Error::InvalidArgument(_))));
+        assert!(matches!(resolve_capacity(10, 5, GIB, MIB), Err(Error::OutOfRange(_))));
+        assert!(matches!(resolve_capacity(1, 1000, GIB, MIB), Err(Error::OutOfRange(_))));
+        assert!(matches!(resolve_capacity(0, (200 * MIB) as i64, GIB, 300 * MIB), Err(Error::OutOfRange(_))));
+        assert!(matches!(resolve_capacity(i64::MAX, 0, GIB, MIB), Err(Error::OutOfRange(_))));
     }
 }

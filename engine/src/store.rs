@@ -1,17 +1,33 @@
-//! Durable volume records: one JSON file per volume, replaced atomically (write a temp file,
-//! fsync, rename over, fsync the directory), so a crash leaves either the old or the new record.
+//! Durable records: one JSON file per object, replaced atomically (write a temp file, fsync,
+//! rename over, fsync the directory), so a crash leaves either the old or the new record.
 
 use std::fs::File;
 use std::io::Write;
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Context, Result};
-use crate::ids::VolumeId;
-use crate::model::VolumeRecord;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
-#[derive(Debug, Clone)]
-pub struct Store {
+use crate::error::{Context, Result};
+use crate::ids::RecordId;
+
+/// Something kept in a [`Store`], keyed by its ID.
+pub trait Record: Serialize + DeserializeOwned {
+    type Id: RecordId;
+    fn id(&self) -> &Self::Id;
+}
+
+#[derive(Debug)]
+pub struct Store<R> {
     dir: PathBuf,
+    _records: PhantomData<fn() -> R>,
+}
+
+impl<R> Clone for Store<R> {
+    fn clone(&self) -> Self {
+        Self { dir: self.dir.clone(), _records: PhantomData }
+    }
 }
 
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {
@@ -28,7 +44,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     fsync_dir(dir)
 }
 
-impl Store {
+impl<R: Record> Store<R> {
     pub fn open(dir: PathBuf) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
         // Temp files of writes interrupted by a crash.
@@ -38,33 +54,30 @@ impl Store {
                 std::fs::remove_file(entry.path())?;
             }
         }
-        Ok(Self { dir })
+        Ok(Self { dir, _records: PhantomData })
     }
 
-    fn path(&self, id: &VolumeId) -> PathBuf {
-        self.dir.join(format!("{id}.json"))
+    fn path(&self, id: &R::Id) -> PathBuf {
+        self.dir.join(format!("{}.json", id.as_str()))
     }
 
-    pub fn load(&self, id: &VolumeId) -> Result<Option<VolumeRecord>> {
+    pub fn load(&self, id: &R::Id) -> Result<Option<R>> {
         let path = self.path(id);
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).context(|| format!("reading {}", path.display())),
         };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .context(|| format!("parsing {}", path.display()))
+        serde_json::from_slice(&bytes).map(Some).context(|| format!("parsing {}", path.display()))
     }
 
-    pub fn save(&self, record: &VolumeRecord) -> Result<()> {
-        let path = self.path(&record.id);
-        let bytes =
-            serde_json::to_vec_pretty(record).context(|| format!("encoding {}", record.id))?;
+    pub fn save(&self, record: &R) -> Result<()> {
+        let path = self.path(record.id());
+        let bytes = serde_json::to_vec_pretty(record).context(|| format!("encoding {}", record.id()))?;
         write_atomic(&path, &bytes).context(|| format!("writing {}", path.display()))
     }
 
-    pub fn remove(&self, id: &VolumeId) -> Result<()> {
+    pub fn remove(&self, id: &R::Id) -> Result<()> {
         let path = self.path(id);
         match std::fs::remove_file(&path) {
             Ok(()) => fsync_dir(&self.dir).context(|| format!("syncing {}", self.dir.display())),
@@ -73,38 +86,27 @@ impl Store {
         }
     }
 
-    /// Every record, ordered by volume ID (the order pagination relies on).
-    pub fn list(&self) -> Result<Vec<VolumeRecord>> {
+    /// Every record, ordered by ID (the order pagination relies on).
+    pub fn list(&self) -> Result<Vec<R>> {
         let mut ids = Vec::new();
-        for entry in
-            std::fs::read_dir(&self.dir).context(|| format!("listing {}", self.dir.display()))?
-        {
+        for entry in std::fs::read_dir(&self.dir).context(|| format!("listing {}", self.dir.display()))? {
             let entry = entry.context(|| format!("listing {}", self.dir.display()))?;
             let name = entry.file_name();
-            if let Some(id) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".json"))
-                .and_then(VolumeId::parse)
-            {
+            if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")).and_then(R::Id::parse) {
                 ids.push(id);
             }
         }
         ids.sort();
         // A record removed between listing and loading is simply gone.
-        Ok(ids
-            .iter()
-            .map(|id| self.load(id))
-            .collect::<Result<Vec<_>>>()?
-            .into_iter()
-            .flatten()
-            .collect())
+        Ok(ids.iter().map(|id| self.load(id)).collect::<Result<Vec<_>>>()?.into_iter().flatten().collect())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Layout, Provisioning};
+    use crate::ids::VolumeId;
+    use crate::model::{Layout, Provisioning, VolumeRecord};
 
     fn record(name: &str) -> VolumeRecord {
         VolumeRecord {
@@ -116,13 +118,16 @@ mod tests {
             created_at: 0,
             staged: None,
             published: Default::default(),
+            content_source: None,
+            filesystem_bytes: 0,
+            mkfs_options: Vec::new(),
         }
     }
 
     #[test]
     fn saves_loads_lists_and_removes() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path().join("volumes")).unwrap();
+        let store: Store<VolumeRecord> = Store::open(dir.path().join("volumes")).unwrap();
         let (a, b) = (record("a"), record("b"));
         store.save(&a).unwrap();
         store.save(&b).unwrap();
@@ -134,11 +139,6 @@ mod tests {
         store.remove(&a.id).unwrap();
         store.remove(&a.id).unwrap();
         assert_eq!(store.load(&a.id).unwrap(), None);
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("volumes"))
-                .unwrap()
-                .count(),
-            1
-        );
+        assert_eq!(std::fs::read_dir(dir.path().join("volumes")).unwrap().count(), 1);
     }
 }

@@ -5,8 +5,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::Engine;
 use crate::caps::{AccessType, Capability};
 use crate::error::{Error, Result};
+use crate::ids::SnapshotId;
 use crate::ids::VolumeId;
-use crate::model::{FsType, Layout, VolumeParameters, VolumeRecord};
+use crate::mkfsopts;
+use crate::model::{ContentSource, FsType, Layout, MutableParameters, Provisioning, VolumeParameters, VolumeRecord};
 use crate::pool::Capacity;
 use crate::size::{MIB, resolve_capacity};
 use crate::sys::loopdev;
@@ -22,10 +24,29 @@ pub struct CreateVolume {
     pub parameters: VolumeParameters,
     /// Nodes the volume must be accessible from (`None`: no requirement).
     pub requisite_nodes: Option<Vec<String>>,
+    /// Raw IDs as the CO sent them; unknown or malformed ones are NOT_FOUND.
+    pub content_source: Option<SourceRequest>,
+    pub mutable_parameters: MutableParameters,
 }
 
-/// The layout a create request asks for: a filesystem if any capability mounts it.
-fn layout_for(request: &CreateVolume) -> Result<Layout> {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceRequest {
+    Snapshot(String),
+    Volume(String),
+}
+
+/// What a new volume is copied from, once looked up.
+struct Source {
+    reference: ContentSource,
+    image: std::path::PathBuf,
+    size_bytes: u64,
+    layout: Layout,
+    filesystem_bytes: u64,
+}
+
+/// The layout a create request asks for: a filesystem if any capability mounts it. The flag
+/// says whether the filesystem was named explicitly (rather than defaulted to ext4).
+fn layout_for(request: &CreateVolume) -> Result<(Layout, bool)> {
     let mut mount_fs: Option<FsType> = None;
     let mut mounted = false;
     for cap in &request.capabilities {
@@ -33,16 +54,14 @@ fn layout_for(request: &CreateVolume) -> Result<Layout> {
             mounted = true;
             if let Some(fs) = fs_type {
                 if mount_fs.is_some_and(|seen| seen != *fs) {
-                    return Err(Error::InvalidArgument(
-                        "volume capabilities ask for different filesystems".into(),
-                    ));
+                    return Err(Error::InvalidArgument("volume capabilities ask for different filesystems".into()));
                 }
                 mount_fs = Some(*fs);
             }
         }
     }
     if !mounted {
-        return Ok(Layout::Block);
+        return Ok((Layout::Block, false));
     }
     let fs_type = match (mount_fs, request.parameters.fs_type) {
         (Some(a), Some(b)) if a != b => {
@@ -52,17 +71,31 @@ fn layout_for(request: &CreateVolume) -> Result<Layout> {
                 b.as_str()
             )));
         }
-        (Some(fs), _) | (None, Some(fs)) => fs,
+        (Some(fs), _) | (None, Some(fs)) => return Ok((Layout::Filesystem { fs_type: fs }, true)),
         (None, None) => FsType::Ext4,
     };
-    Ok(Layout::Filesystem { fs_type })
+    Ok((Layout::Filesystem { fs_type }, false))
+}
+
+/// A copy keeps its source's layout; the request may only restate it.
+fn layout_from_source(requested: Layout, explicit: bool, source: Layout) -> Result<Layout> {
+    match (requested, source) {
+        (Layout::Block, Layout::Block) | (Layout::Block, Layout::Filesystem { .. }) if requested == source => {
+            Ok(source)
+        }
+        (Layout::Filesystem { fs_type }, Layout::Filesystem { fs_type: source_fs })
+            if !explicit || fs_type == source_fs =>
+        {
+            Ok(source)
+        }
+        _ => Err(Error::InvalidArgument(format!(
+            "the content source is {source:?}; a volume copied from it cannot be {requested:?}"
+        ))),
+    }
 }
 
 fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 impl Engine {
@@ -71,16 +104,12 @@ impl Engine {
             return Err(Error::InvalidArgument("name is required".into()));
         }
         if request.name.len() > MAX_NAME_LEN {
-            return Err(Error::InvalidArgument(format!(
-                "name is longer than {MAX_NAME_LEN} bytes"
-            )));
+            return Err(Error::InvalidArgument(format!("name is longer than {MAX_NAME_LEN} bytes")));
         }
         if request.capabilities.is_empty() {
-            return Err(Error::InvalidArgument(
-                "volume_capabilities is required".into(),
-            ));
+            return Err(Error::InvalidArgument("volume_capabilities is required".into()));
         }
-        let layout = layout_for(request)?;
+        let (requested_layout, explicit_fs) = layout_for(request)?;
         if let Some(nodes) = &request.requisite_nodes
             && !nodes.iter().any(|n| n == &self.node_id)
         {
@@ -89,19 +118,52 @@ impl Engine {
                 self.node_id
             )));
         }
-        let minimum = layout.fs_type().map_or(MIB, FsType::minimum_bytes);
-        let size = resolve_capacity(
-            request.required_bytes,
-            request.limit_bytes,
-            self.default_volume_size,
-            minimum,
-        )?;
+        let provisioning = request.mutable_parameters.provisioning.unwrap_or(request.parameters.provisioning);
         let id = VolumeId::for_name(&request.name);
         let _guard = self.locks.try_lock(id.as_str())?;
 
+        // The source volume's lock is held through the copy, so it cannot change underneath.
+        let (source, _source_guard) = match &request.content_source {
+            None => (None, None),
+            Some(wanted) => {
+                let (source, guard) = self.lookup_source(wanted)?;
+                (Some(source), guard)
+            }
+        };
+        let layout = match &source {
+            Some(source) => layout_from_source(requested_layout, explicit_fs, source.layout)?,
+            None => requested_layout,
+        };
+        let mkfs_options = match (&request.parameters.mkfs_options, layout) {
+            (None, _) => Vec::new(),
+            (Some(options), Layout::Filesystem { fs_type }) => mkfsopts::parse(options, fs_type)?,
+            (Some(_), Layout::Block) => {
+                return Err(Error::InvalidArgument("mkfsOptions makes no sense for a block volume".into()));
+            }
+        };
+        let minimum =
+            layout.fs_type().map_or(MIB, FsType::minimum_bytes).max(source.as_ref().map_or(0, |s| s.size_bytes));
+        let size = resolve_capacity(request.required_bytes, request.limit_bytes, self.default_volume_size, minimum)?;
+
         if let Some(existing) = self.store.load(&id)? {
-            return self.check_compatible(existing, request, layout);
+            return self.check_compatible(
+                existing,
+                request,
+                layout,
+                provisioning,
+                source.as_ref().map(|s| &s.reference),
+            );
         }
+        let frozen = match (&source, &request.content_source) {
+            (Some(_), Some(SourceRequest::Volume(raw))) => {
+                let record = self.store.load(&VolumeId::parse(raw).expect("looked up above"))?;
+                match record {
+                    Some(record) => self.freeze_if_mounted(&record)?,
+                    None => None,
+                }
+            }
+            _ => None,
+        };
         {
             let _allocation = self.allocation.lock().unwrap_or_else(|p| p.into_inner());
             let capacity = self.pool.capacity(&self.store.list()?)?;
@@ -111,18 +173,27 @@ impl Engine {
                     capacity.available_bytes, request.name
                 )));
             }
-            self.pool
-                .create_image(&id, size, request.parameters.provisioning)?;
+            match &source {
+                None => self.pool.create_image(&id, size, provisioning)?,
+                Some(source) => {
+                    let method = self.pool.create_image_from(&source.image, &id, size, provisioning)?;
+                    tracing::info!(volume_id = %id, method = method.as_str(), "volume data copied from its source");
+                }
+            }
         }
+        drop(frozen);
         let record = VolumeRecord {
             id: id.clone(),
             name: request.name.clone(),
             capacity_bytes: size,
             layout,
-            provisioning: request.parameters.provisioning,
+            provisioning,
             created_at: now(),
             staged: None,
             published: Default::default(),
+            content_source: source.as_ref().map(|s| s.reference.clone()),
+            filesystem_bytes: source.as_ref().map_or(0, |s| s.filesystem_bytes),
+            mkfs_options,
         };
         if let Err(err) = self.store.save(&record) {
             let _ = self.pool.remove_image(&id);
@@ -132,29 +203,66 @@ impl Engine {
         Ok(record)
     }
 
+    fn lookup_source(&self, wanted: &SourceRequest) -> Result<(Source, Option<crate::locks::OperationGuard>)> {
+        match wanted {
+            SourceRequest::Snapshot(raw) => {
+                let snapshot = SnapshotId::parse(raw)
+                    .map(|id| self.snapshots.load(&id))
+                    .transpose()?
+                    .flatten()
+                    .ok_or_else(|| Error::NotFound(format!("source snapshot {raw:?} does not exist")))?;
+                Ok((
+                    Source {
+                        image: self.pool.snapshot_path(&snapshot.id),
+                        reference: ContentSource::Snapshot(snapshot.id),
+                        size_bytes: snapshot.size_bytes,
+                        layout: snapshot.layout,
+                        filesystem_bytes: snapshot.filesystem_bytes,
+                    },
+                    None,
+                ))
+            }
+            SourceRequest::Volume(raw) => {
+                let id = VolumeId::parse(raw)
+                    .ok_or_else(|| Error::NotFound(format!("source volume {raw:?} does not exist")))?;
+                let guard = self.locks.try_lock(id.as_str())?;
+                let volume = self
+                    .store
+                    .load(&id)?
+                    .ok_or_else(|| Error::NotFound(format!("source volume {id} does not exist")))?;
+                Ok((
+                    Source {
+                        image: self.pool.image_path(&id),
+                        reference: ContentSource::Volume(id),
+                        size_bytes: volume.capacity_bytes,
+                        layout: volume.layout,
+                        filesystem_bytes: volume.filesystem_bytes,
+                    },
+                    Some(guard),
+                ))
+            }
+        }
+    }
+
     fn check_compatible(
         &self,
         existing: VolumeRecord,
         request: &CreateVolume,
         layout: Layout,
+        provisioning: Provisioning,
+        source: Option<&ContentSource>,
     ) -> Result<VolumeRecord> {
         let size = existing.capacity_bytes;
         let required = request.required_bytes.max(0) as u64;
         let limit = request.limit_bytes.max(0) as u64;
         let mismatch = if size < required || (limit > 0 && size > limit) {
-            Some(format!(
-                "its size {size} is outside the requested range [{required}, {limit}]"
-            ))
+            Some(format!("its size {size} is outside the requested range [{required}, {limit}]"))
         } else if existing.layout != layout {
-            Some(format!(
-                "it was created as {:?}, the request asks for {layout:?}",
-                existing.layout
-            ))
-        } else if existing.provisioning != request.parameters.provisioning {
-            Some(format!(
-                "it is {} provisioned",
-                existing.provisioning.as_str()
-            ))
+            Some(format!("it was created as {:?}, the request asks for {layout:?}", existing.layout))
+        } else if existing.provisioning != provisioning {
+            Some(format!("it is {} provisioned", existing.provisioning.as_str()))
+        } else if existing.content_source.as_ref() != source {
+            Some(format!("it was created from {:?}", existing.content_source))
         } else {
             None
         };
@@ -164,6 +272,69 @@ impl Engine {
                 existing.name, existing.id
             ))),
             None => Ok(existing),
+        }
+    }
+
+    /// Grows a volume's image. Returns the new size and whether the node must act (grow the
+    /// filesystem, refresh the loop device). Shrinking is OUT_OF_RANGE.
+    pub fn expand_volume(&self, raw_id: &str, required: i64, limit: i64) -> Result<(u64, bool)> {
+        if raw_id.is_empty() {
+            return Err(Error::InvalidArgument("volume_id is required".into()));
+        }
+        let id = VolumeId::parse(raw_id).ok_or_else(|| Error::NotFound(format!("volume {raw_id:?} does not exist")))?;
+        let _guard = self.locks.try_lock(id.as_str())?;
+        let mut record = self.store.load(&id)?.ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))?;
+        let current = record.capacity_bytes;
+        let wanted = resolve_capacity(required, limit, current, MIB)?;
+        if limit > 0 && (limit as u64) < current {
+            return Err(Error::OutOfRange(format!(
+                "volume {id} is {current} bytes; plinth cannot shrink it to at most {limit}"
+            )));
+        }
+        let needs_node = record.layout != Layout::Block || record.staged.is_some();
+        if wanted <= current {
+            return Ok((current, needs_node));
+        }
+        {
+            let _allocation = self.allocation.lock().unwrap_or_else(|p| p.into_inner());
+            let capacity = self.pool.capacity(&self.store.list()?)?;
+            let growth = wanted - current;
+            if growth > capacity.available_bytes {
+                return Err(Error::ResourceExhausted(format!(
+                    "pool has {} bytes available, growing {id} needs {growth} more",
+                    capacity.available_bytes
+                )));
+            }
+            self.pool.grow_image(&id, wanted, record.provisioning)?;
+        }
+        record.capacity_bytes = wanted;
+        self.store.save(&record)?;
+        tracing::info!(volume_id = %id, from = current, to = wanted, "volume expanded");
+        Ok((wanted, needs_node))
+    }
+
+    /// Applies mutable parameters (VolumeAttributesClass): `provisioning: thick` preallocates.
+    pub fn modify_volume(&self, raw_id: &str, changes: MutableParameters) -> Result<()> {
+        if raw_id.is_empty() {
+            return Err(Error::InvalidArgument("volume_id is required".into()));
+        }
+        let id = VolumeId::parse(raw_id).ok_or_else(|| Error::NotFound(format!("volume {raw_id:?} does not exist")))?;
+        let _guard = self.locks.try_lock(id.as_str())?;
+        let mut record = self.store.load(&id)?.ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))?;
+        match (changes.provisioning, record.provisioning) {
+            (None, _)
+            | (Some(Provisioning::Thin), Provisioning::Thin)
+            | (Some(Provisioning::Thick), Provisioning::Thick) => Ok(()),
+            (Some(Provisioning::Thick), Provisioning::Thin) => {
+                self.pool.grow_image(&id, record.capacity_bytes, Provisioning::Thick)?;
+                record.provisioning = Provisioning::Thick;
+                self.store.save(&record)?;
+                tracing::info!(volume_id = %id, "volume preallocated (now thick)");
+                Ok(())
+            }
+            (Some(Provisioning::Thin), Provisioning::Thick) => Err(Error::InvalidArgument(format!(
+                "volume {id} is thick: its blocks are allocated and plinth does not release them"
+            ))),
         }
     }
 
@@ -187,10 +358,7 @@ impl Engine {
                 if record.published.is_empty() {
                     String::new()
                 } else {
-                    format!(
-                        " and published at {:?}",
-                        record.published.keys().collect::<Vec<_>>()
-                    )
+                    format!(" and published at {:?}", record.published.keys().collect::<Vec<_>>())
                 }
             )));
         }
@@ -225,29 +393,19 @@ impl Engine {
 
     /// One page of volumes in ID order, starting after `starting_token` (the last ID of the
     /// previous page, so deletions between pages never skip or repeat entries).
-    pub fn list_volumes(
-        &self,
-        starting_token: &str,
-        max_entries: i32,
-    ) -> Result<(Vec<VolumeRecord>, String)> {
+    pub fn list_volumes(&self, starting_token: &str, max_entries: i32) -> Result<(Vec<VolumeRecord>, String)> {
         if max_entries < 0 {
-            return Err(Error::InvalidArgument(format!(
-                "max_entries must not be negative, got {max_entries}"
-            )));
+            return Err(Error::InvalidArgument(format!("max_entries must not be negative, got {max_entries}")));
         }
         let after = match starting_token {
             "" => None,
             token => Some(VolumeId::parse(token).ok_or_else(|| {
-                Error::Aborted(format!(
-                    "starting_token {token:?} was not issued by this plugin; restart the listing"
-                ))
+                Error::Aborted(format!("starting_token {token:?} was not issued by this plugin; restart the listing"))
             })?),
         };
         let records = self.store.list()?;
-        let mut page: Vec<VolumeRecord> = records
-            .into_iter()
-            .filter(|r| after.as_ref().is_none_or(|a| &r.id > a))
-            .collect();
+        let mut page: Vec<VolumeRecord> =
+            records.into_iter().filter(|r| after.as_ref().is_none_or(|a| &r.id > a)).collect();
         let mut next = String::new();
         if max_entries > 0 && page.len() > max_entries as usize {
             page.truncate(max_entries as usize);
@@ -260,10 +418,7 @@ impl Engine {
     pub fn capacity(&self, for_node: Option<&str>) -> Result<Capacity> {
         let capacity = self.pool.capacity(&self.store.list()?)?;
         if for_node.is_some_and(|n| n != self.node_id) {
-            return Ok(Capacity {
-                available_bytes: 0,
-                ..capacity
-            });
+            return Ok(Capacity { available_bytes: 0, ..capacity });
         }
         Ok(capacity)
     }

@@ -17,29 +17,18 @@ pub struct NodeService {
 
 impl NodeService {
     pub fn new(engine: Arc<Engine>, max_volumes_per_node: i64) -> Self {
-        Self {
-            engine,
-            max_volumes_per_node,
-        }
+        Self { engine, max_volumes_per_node }
     }
 }
 
-fn capability(
-    method: &'static str,
-    cap: Option<&csi::VolumeCapability>,
-) -> Result<Capability, Status> {
+fn capability(method: &'static str, cap: Option<&csi::VolumeCapability>) -> Result<Capability, Status> {
     let cap = cap.ok_or_else(|| rpc::invalid(method, "volume_capability is required"))?;
     Capability::parse(cap).map_err(|e| rpc::refused(method, e))
 }
 
 fn usage(unit: volume_usage::Unit, total: u64, available: u64, used: u64) -> csi::VolumeUsage {
     let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
-    csi::VolumeUsage {
-        available: clamp(available),
-        total: clamp(total),
-        used: clamp(used),
-        unit: unit as i32,
-    }
+    csi::VolumeUsage { available: clamp(available), total: clamp(total), used: clamp(used), unit: unit as i32 }
 }
 
 #[tonic::async_trait]
@@ -56,10 +45,7 @@ impl Node for NodeService {
         let cap = capability(METHOD, req.volume_capability.as_ref())?;
         let engine = Arc::clone(&self.engine);
         let (id, staging) = (req.volume_id.clone(), req.staging_target_path);
-        rpc::run(METHOD, &req.volume_id, move || {
-            engine.stage_volume(&id, &staging, &cap)
-        })
-        .await?;
+        rpc::run(METHOD, &req.volume_id, move || engine.stage_volume(&id, &staging, &cap)).await?;
         Ok(Response::new(csi::NodeStageVolumeResponse {}))
     }
 
@@ -70,10 +56,7 @@ impl Node for NodeService {
         let req = request.into_inner();
         let engine = Arc::clone(&self.engine);
         let (id, staging) = (req.volume_id.clone(), req.staging_target_path);
-        rpc::run("NodeUnstageVolume", &req.volume_id, move || {
-            engine.unstage_volume(&id, &staging)
-        })
-        .await?;
+        rpc::run("NodeUnstageVolume", &req.volume_id, move || engine.unstage_volume(&id, &staging)).await?;
         Ok(Response::new(csi::NodeUnstageVolumeResponse {}))
     }
 
@@ -91,16 +74,9 @@ impl Node for NodeService {
         }
         let cap = capability(METHOD, req.volume_capability.as_ref())?;
         let engine = Arc::clone(&self.engine);
-        let (id, staging, target, readonly) = (
-            req.volume_id.clone(),
-            req.staging_target_path,
-            req.target_path,
-            req.readonly,
-        );
-        rpc::run(METHOD, &req.volume_id, move || {
-            engine.publish_volume(&id, &staging, &target, &cap, readonly)
-        })
-        .await?;
+        let (id, staging, target, readonly) =
+            (req.volume_id.clone(), req.staging_target_path, req.target_path, req.readonly);
+        rpc::run(METHOD, &req.volume_id, move || engine.publish_volume(&id, &staging, &target, &cap, readonly)).await?;
         Ok(Response::new(csi::NodePublishVolumeResponse {}))
     }
 
@@ -111,10 +87,7 @@ impl Node for NodeService {
         let req = request.into_inner();
         let engine = Arc::clone(&self.engine);
         let (id, target) = (req.volume_id.clone(), req.target_path);
-        rpc::run("NodeUnpublishVolume", &req.volume_id, move || {
-            engine.unpublish_volume(&id, &target)
-        })
-        .await?;
+        rpc::run("NodeUnpublishVolume", &req.volume_id, move || engine.unpublish_volume(&id, &target)).await?;
         Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
     }
 
@@ -125,24 +98,12 @@ impl Node for NodeService {
         let req = request.into_inner();
         let engine = Arc::clone(&self.engine);
         let (id, path) = (req.volume_id.clone(), req.volume_path);
-        let stats = rpc::run("NodeGetVolumeStats", &req.volume_id, move || {
-            engine.volume_stats(&id, &path)
-        })
-        .await?;
+        let (stats, condition) =
+            rpc::run("NodeGetVolumeStats", &req.volume_id, move || engine.volume_stats(&id, &path)).await?;
         let usage = match stats {
             VolumeStats::Filesystem(fs) => vec![
-                usage(
-                    volume_usage::Unit::Bytes,
-                    fs.total_bytes,
-                    fs.available_bytes,
-                    fs.used_bytes(),
-                ),
-                usage(
-                    volume_usage::Unit::Inodes,
-                    fs.total_inodes,
-                    fs.free_inodes,
-                    fs.used_inodes(),
-                ),
+                usage(volume_usage::Unit::Bytes, fs.total_bytes, fs.available_bytes, fs.used_bytes()),
+                usage(volume_usage::Unit::Inodes, fs.total_inodes, fs.free_inodes, fs.used_inodes()),
             ],
             VolumeStats::Block { total_bytes } => {
                 vec![csi::VolumeUsage {
@@ -152,19 +113,26 @@ impl Node for NodeService {
                 }]
             }
         };
-        Ok(Response::new(csi::NodeGetVolumeStatsResponse {
-            usage,
-            volume_condition: None,
-        }))
+        let volume_condition =
+            Some(csi::VolumeCondition { abnormal: condition.is_some(), message: condition.unwrap_or_default() });
+        Ok(Response::new(csi::NodeGetVolumeStatsResponse { usage, volume_condition }))
     }
 
     async fn node_expand_volume(
         &self,
-        _: Request<csi::NodeExpandVolumeRequest>,
+        request: Request<csi::NodeExpandVolumeRequest>,
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "NodeExpandVolume is not supported by plinth yet",
-        ))
+        const METHOD: &str = "NodeExpandVolume";
+        let req = request.into_inner();
+        if let Some(cap) = req.volume_capability.as_ref() {
+            Capability::parse(cap).map_err(|e| rpc::refused(METHOD, e))?;
+        }
+        let engine = Arc::clone(&self.engine);
+        let required = req.capacity_range.map_or(0, |r| r.required_bytes);
+        let (id, path) = (req.volume_id.clone(), req.volume_path);
+        let capacity =
+            rpc::run(METHOD, &req.volume_id, move || engine.node_expand_volume(&id, &path, required)).await?;
+        Ok(Response::new(csi::NodeExpandVolumeResponse { capacity_bytes: capacity as i64 }))
     }
 
     async fn node_get_capabilities(
@@ -172,17 +140,19 @@ impl Node for NodeService {
         _: Request<csi::NodeGetCapabilitiesRequest>,
     ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
         use node_service_capability::rpc::Type;
-        let capabilities = [Type::StageUnstageVolume, Type::GetVolumeStats]
-            .into_iter()
-            .map(|t| csi::NodeServiceCapability {
-                r#type: Some(node_service_capability::Type::Rpc(
-                    node_service_capability::Rpc { r#type: t as i32 },
-                )),
-            })
-            .collect();
-        Ok(Response::new(csi::NodeGetCapabilitiesResponse {
-            capabilities,
-        }))
+        let capabilities = [
+            Type::StageUnstageVolume,
+            Type::GetVolumeStats,
+            Type::ExpandVolume,
+            Type::VolumeCondition,
+            Type::SingleNodeMultiWriter,
+        ]
+        .into_iter()
+        .map(|t| csi::NodeServiceCapability {
+            r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc { r#type: t as i32 })),
+        })
+        .collect();
+        Ok(Response::new(csi::NodeGetCapabilitiesResponse { capabilities }))
     }
 
     async fn node_get_info(

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
 use plinth_proto::csi_v1::{
-    self as csi, controller_client::ControllerClient, identity_client::IdentityClient,
-    node_client::NodeClient, volume_capability,
+    self as csi, controller_client::ControllerClient, identity_client::IdentityClient, node_client::NodeClient,
+    volume_capability,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -33,16 +33,9 @@ pub fn plinth_bin() -> PathBuf {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
     let bin = dir.join("plinth");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build --bin plinth` first",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} is missing: run `cargo build --bin plinth` first", bin.display());
     bin
 }
 
@@ -98,10 +91,7 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub fn new() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("plinth-test-")
-            .tempdir_in("/tmp")
-            .expect("temp dir");
+        let dir = tempfile::Builder::new().prefix("plinth-test-").tempdir_in("/tmp").expect("temp dir");
         std::fs::create_dir_all(dir.path().join("root")).expect("allowed root");
         Self { dir }
     }
@@ -120,11 +110,14 @@ impl Sandbox {
     pub fn endpoint(&self) -> String {
         format!("unix://{}", self.socket().display())
     }
-    /// Image files currently in the pool.
+    /// Files currently in the pool: volume images and snapshot images.
     pub fn pool_images(&self) -> Vec<PathBuf> {
-        std::fs::read_dir(self.data_dir().join("pool"))
-            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-            .unwrap_or_default()
+        let pool = self.data_dir().join("pool");
+        [pool.clone(), pool.join("snapshots")]
+            .iter()
+            .flat_map(|dir| std::fs::read_dir(dir).into_iter().flatten().filter_map(|e| e.ok()).map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect()
     }
 }
 
@@ -150,11 +143,7 @@ pub struct Plinth {
 impl Plinth {
     pub fn start(sandbox: &Sandbox, extra: &[&str]) -> Self {
         let log = sandbox.path().join("plinth.log");
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log file");
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let child = Command::new(plinth_bin())
             .arg("--endpoint")
             .arg(sandbox.endpoint())
@@ -171,11 +160,7 @@ impl Plinth {
             .stderr(log_file)
             .spawn()
             .expect("spawn plinth");
-        let plinth = Self {
-            child: Some(child),
-            socket: sandbox.socket(),
-            log,
-        };
+        let plinth = Self { child: Some(child), socket: sandbox.socket(), log };
         plinth.wait_ready();
         plinth
     }
@@ -188,10 +173,7 @@ impl Plinth {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!(
-            "plinth did not start; log:\n{}",
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        );
+        panic!("plinth did not start; log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
     }
 
     pub fn pid(&self) -> i32 {
@@ -213,10 +195,7 @@ impl Plinth {
 
     fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::SIGTERM,
-        );
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -255,11 +234,7 @@ impl Clients {
             .expect("endpoint")
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let socket = socket.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(socket).await?,
-                    ))
-                }
+                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
             }))
             .await
             .expect("connect to plinth");
@@ -272,11 +247,7 @@ impl Clients {
 }
 
 pub fn mount_cap(fs_type: &str) -> csi::VolumeCapability {
-    mount_cap_with(
-        fs_type,
-        &[],
-        volume_capability::access_mode::Mode::SingleNodeWriter,
-    )
+    mount_cap_with(fs_type, &[], volume_capability::access_mode::Mode::SingleNodeWriter)
 }
 
 pub fn mount_cap_with(
@@ -285,49 +256,34 @@ pub fn mount_cap_with(
     mode: volume_capability::access_mode::Mode,
 ) -> csi::VolumeCapability {
     csi::VolumeCapability {
-        access_type: Some(volume_capability::AccessType::Mount(
-            volume_capability::MountVolume {
-                fs_type: fs_type.to_owned(),
-                mount_flags: flags.iter().map(|f| f.to_string()).collect(),
-                volume_mount_group: String::new(),
-            },
-        )),
+        access_type: Some(volume_capability::AccessType::Mount(volume_capability::MountVolume {
+            fs_type: fs_type.to_owned(),
+            mount_flags: flags.iter().map(|f| f.to_string()).collect(),
+            volume_mount_group: String::new(),
+        })),
         access_mode: Some(volume_capability::AccessMode { mode: mode as i32 }),
     }
 }
 
 pub fn block_cap() -> csi::VolumeCapability {
     csi::VolumeCapability {
-        access_type: Some(volume_capability::AccessType::Block(
-            volume_capability::BlockVolume {},
-        )),
+        access_type: Some(volume_capability::AccessType::Block(volume_capability::BlockVolume {})),
         access_mode: Some(volume_capability::AccessMode {
             mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
         }),
     }
 }
 
-pub fn create_request(
-    name: &str,
-    bytes: i64,
-    cap: csi::VolumeCapability,
-) -> csi::CreateVolumeRequest {
+pub fn create_request(name: &str, bytes: i64, cap: csi::VolumeCapability) -> csi::CreateVolumeRequest {
     csi::CreateVolumeRequest {
         name: name.to_owned(),
-        capacity_range: Some(csi::CapacityRange {
-            required_bytes: bytes,
-            limit_bytes: 0,
-        }),
+        capacity_range: Some(csi::CapacityRange { required_bytes: bytes, limit_bytes: 0 }),
         volume_capabilities: vec![cap],
         ..Default::default()
     }
 }
 
-pub fn stage_request(
-    volume_id: &str,
-    staging: &Path,
-    cap: csi::VolumeCapability,
-) -> csi::NodeStageVolumeRequest {
+pub fn stage_request(volume_id: &str, staging: &Path, cap: csi::VolumeCapability) -> csi::NodeStageVolumeRequest {
     csi::NodeStageVolumeRequest {
         volume_id: volume_id.to_owned(),
         staging_target_path: staging.display().to_string(),

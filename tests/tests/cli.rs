@@ -5,11 +5,8 @@ use std::process::Command;
 use plinth_tests::*;
 
 fn plinth(sandbox: &Sandbox, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(plinth_bin())
-        .args(args)
-        .env("PLINTH_ENDPOINT", sandbox.endpoint())
-        .output()
-        .expect("run plinth");
+    let output =
+        Command::new(plinth_bin()).args(args).env("PLINTH_ENDPOINT", sandbox.endpoint()).output().expect("run plinth");
     (
         output.status.success(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -27,16 +24,8 @@ fn walkthrough_create_mount_write_unmount_delete() {
 
     let (ok, out, err) = plinth(&sandbox, &["volume", "create", "demo", "--size", "1GiB"]);
     assert!(ok, "{err}");
-    assert!(
-        out.contains("created demo") && out.contains("1 GiB"),
-        "{out}"
-    );
-    let (ok, _, err) = plinth(
-        &sandbox,
-        &[
-            "volume", "create", "scratch", "--size", "512Mi", "--fs", "xfs", "--thick",
-        ],
-    );
+    assert!(out.contains("created demo") && out.contains("1 GiB"), "{out}");
+    let (ok, _, err) = plinth(&sandbox, &["volume", "create", "scratch", "--size", "512Mi", "--fs", "xfs", "--thick"]);
     assert!(ok, "{err}");
     let (ok, _, err) = plinth(&sandbox, &["volume", "mount", "demo", mount_arg]);
     assert!(ok, "{err}");
@@ -46,16 +35,12 @@ fn walkthrough_create_mount_write_unmount_delete() {
     assert!(ok);
     assert!(out.lines().next().unwrap().starts_with("NAME"), "{out}");
     assert!(
-        out.contains("demo")
-            && out.contains(mount_arg)
-            && out.contains("scratch")
-            && out.contains("thick"),
+        out.contains("demo") && out.contains(mount_arg) && out.contains("scratch") && out.contains("thick"),
         "{out}"
     );
     let (ok, out, _) = plinth(&sandbox, &["status", "--output", "json"]);
     assert!(ok);
-    let status: serde_json::Value =
-        serde_json::from_str(&out).expect("status --output json is JSON");
+    let status: serde_json::Value = serde_json::from_str(&out).expect("status --output json is JSON");
     assert_eq!(status["driver"], "plinth.csi.dev");
     assert_eq!(status["ready"], true);
     assert_eq!(status["volumes"].as_array().unwrap().len(), 2);
@@ -70,10 +55,7 @@ fn walkthrough_create_mount_write_unmount_delete() {
     assert!(!mount.exists());
     let (ok, _, err) = plinth(&sandbox, &["volume", "mount", "demo", mount_arg]);
     assert!(ok, "{err}");
-    assert_eq!(
-        std::fs::read_to_string(mount.join("hello.txt")).unwrap(),
-        "hello from plinth\n"
-    );
+    assert_eq!(std::fs::read_to_string(mount.join("hello.txt")).unwrap(), "hello from plinth\n");
     let (ok, _, err) = plinth(&sandbox, &["volume", "unmount", mount_arg]);
     assert!(ok, "{err}");
     for name in ["demo", "scratch"] {
@@ -85,9 +67,7 @@ fn walkthrough_create_mount_write_unmount_delete() {
     assert!(ok);
     assert_eq!(out.trim(), "[]");
     assert!(sandbox.pool_images().is_empty());
-    assert!(
-        loop_devices_under(sandbox.path()).is_empty() && mounts_under(sandbox.path()).is_empty()
-    );
+    assert!(loop_devices_under(sandbox.path()).is_empty() && mounts_under(sandbox.path()).is_empty());
 }
 
 #[test]
@@ -95,10 +75,7 @@ fn errors_tell_the_user_what_to_do() {
     let sandbox = Sandbox::new();
     let (ok, _, err) = plinth(&sandbox, &["volume", "list"]);
     assert!(!ok);
-    assert!(
-        err.contains("cannot reach plinth") && err.contains("plinth standalone"),
-        "{err}"
-    );
+    assert!(err.contains("cannot reach plinth") && err.contains("plinth standalone"), "{err}");
     let (ok, _, err) = plinth(&sandbox, &["volume", "create", "x", "--size", "1XB"]);
     assert!(!ok);
     assert!(err.contains("unknown size unit"), "{err}");

@@ -128,19 +128,12 @@ fn open_device(path: &Path, write: bool) -> Result<File, LoopError> {
         .read(true)
         .write(write)
         .open(path)
-        .map_err(|source| LoopError::Open {
-            path: path.to_owned(),
-            source,
-        })
+        .map_err(|source| LoopError::Open { path: path.to_owned(), source })
 }
 
 fn check(rc: libc::c_int, op: &'static str, device: &Path) -> Result<(), LoopError> {
     if rc < 0 {
-        Err(LoopError::Ioctl {
-            op,
-            device: device.to_owned(),
-            source: std::io::Error::last_os_error(),
-        })
+        Err(LoopError::Ioctl { op, device: device.to_owned(), source: std::io::Error::last_os_error() })
     } else {
         Ok(())
     }
@@ -157,11 +150,7 @@ pub fn attached_devices() -> Result<Vec<(LoopDevice, PathBuf)>, LoopError> {
     for entry in std::fs::read_dir(SYS_BLOCK).map_err(LoopError::Sysfs)? {
         let entry = entry.map_err(LoopError::Sysfs)?;
         let name = entry.file_name();
-        let Some(number) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("loop"))
-            .and_then(|n| n.parse().ok())
-        else {
+        let Some(number) = name.to_str().and_then(|n| n.strip_prefix("loop")).and_then(|n| n.parse().ok()) else {
             continue;
         };
         let device = LoopDevice { number };
@@ -175,10 +164,7 @@ pub fn attached_devices() -> Result<Vec<(LoopDevice, PathBuf)>, LoopError> {
 
 /// The loop device `image` is attached to, if any. `image` must be an absolute, canonical path.
 pub fn find_by_backing_file(image: &Path) -> Result<Option<LoopDevice>, LoopError> {
-    Ok(attached_devices()?
-        .into_iter()
-        .find(|(_, backing)| same_backing_file(backing, image))
-        .map(|(device, _)| device))
+    Ok(attached_devices()?.into_iter().find(|(_, backing)| same_backing_file(backing, image)).map(|(device, _)| device))
 }
 
 /// Attaches `image` to a free loop device with LOOP_CONFIGURE, with direct I/O requested.
@@ -187,19 +173,14 @@ pub fn attach(image: &Path, read_only: bool) -> Result<LoopDevice, LoopError> {
         .read(true)
         .write(!read_only)
         .open(image)
-        .map_err(|source| LoopError::Open {
-            path: image.to_owned(),
-            source,
-        })?;
+        .map_err(|source| LoopError::Open { path: image.to_owned(), source })?;
     let control = open_device(Path::new(LOOP_CONTROL), true)?;
     const ATTEMPTS: u32 = 16;
     for _ in 0..ATTEMPTS {
         // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number or -1.
         let number = unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE) };
         check(number, "LOOP_CTL_GET_FREE", Path::new(LOOP_CONTROL))?;
-        let device = LoopDevice {
-            number: number as u32,
-        };
+        let device = LoopDevice { number: number as u32 };
         let device_file = open_device(&device.path(), !read_only)?;
         let mut config = LoopConfig {
             fd: backing.as_raw_fd() as u32,
@@ -225,24 +206,14 @@ pub fn attach(image: &Path, read_only: bool) -> Result<LoopDevice, LoopError> {
         let len = name.len().min(LO_NAME_SIZE - 1);
         config.info.lo_file_name[..len].copy_from_slice(&name[..len]);
         // SAFETY: LOOP_CONFIGURE reads a `struct loop_config`, which LoopConfig mirrors exactly.
-        let rc = unsafe {
-            libc::ioctl(
-                device_file.as_raw_fd(),
-                LOOP_CONFIGURE,
-                &config as *const LoopConfig,
-            )
-        };
+        let rc = unsafe { libc::ioctl(device_file.as_raw_fd(), LOOP_CONFIGURE, &config as *const LoopConfig) };
         if rc == 0 {
             return Ok(device);
         }
         let err = std::io::Error::last_os_error();
         // EBUSY: another process configured this device between GET_FREE and CONFIGURE.
         if err.raw_os_error() != Some(libc::EBUSY) {
-            return Err(LoopError::Ioctl {
-                op: "LOOP_CONFIGURE",
-                device: device.path(),
-                source: err,
-            });
+            return Err(LoopError::Ioctl { op: "LOOP_CONFIGURE", device: device.path(), source: err });
         }
     }
     Err(LoopError::NoneFree { attempts: ATTEMPTS })
@@ -265,22 +236,14 @@ pub fn detach(device: LoopDevice) -> Result<(), LoopError> {
         if err.raw_os_error() == Some(libc::ENXIO) {
             return Ok(());
         }
-        return Err(LoopError::Ioctl {
-            op: "LOOP_CLR_FD",
-            device: device.path(),
-            source: err,
-        });
+        return Err(LoopError::Ioctl { op: "LOOP_CLR_FD", device: device.path(), source: err });
     }
     Ok(())
 }
 
 /// Whether this process may attach loop devices at all (for the Identity probe).
 pub fn control_available() -> bool {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(LOOP_CONTROL)
-        .is_ok()
+    OpenOptions::new().read(true).write(true).open(LOOP_CONTROL).is_ok()
 }
 
 #[cfg(test)]
@@ -295,10 +258,7 @@ mod tests {
 
     #[test]
     fn parses_device_paths() {
-        assert_eq!(
-            LoopDevice::from_path(Path::new("/dev/loop12")),
-            Some(LoopDevice { number: 12 })
-        );
+        assert_eq!(LoopDevice::from_path(Path::new("/dev/loop12")), Some(LoopDevice { number: 12 }));
         assert_eq!(LoopDevice::from_path(Path::new("/dev/sda")), None);
         assert_eq!(LoopDevice { number: 3 }.path(), PathBuf::from("/dev/loop3"));
     }

@@ -15,12 +15,7 @@ pub enum MkfsError {
         source: std::io::Error,
     },
     #[error("{program} {device} failed ({status}): {stderr}")]
-    Failed {
-        program: &'static str,
-        device: PathBuf,
-        status: String,
-        stderr: String,
-    },
+    Failed { program: &'static str, device: PathBuf, status: String, stderr: String },
 }
 
 /// What is on a device, as far as it matters before formatting it.
@@ -52,15 +47,10 @@ fn failure(program: &'static str, device: &Path, output: &Output) -> MkfsError {
 }
 
 pub(crate) fn parse_blkid_export(text: &str) -> Probe {
-    let value = |key: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
-            .map(str::to_owned)
-    };
+    let value =
+        |key: &str| text.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix('='))).map(str::to_owned);
     match (value("TYPE"), value("PTTYPE"), value("USAGE")) {
-        (Some(fs), _, usage) if usage.as_deref().is_none_or(|u| u == "filesystem") => {
-            Probe::Filesystem(fs)
-        }
+        (Some(fs), _, usage) if usage.as_deref().is_none_or(|u| u == "filesystem") => Probe::Filesystem(fs),
         (Some(other), _, _) => Probe::Other(other),
         (None, Some(table), _) => Probe::Other(format!("{table} partition table")),
         (None, None, _) if text.trim().is_empty() => Probe::Blank,
@@ -70,15 +60,7 @@ pub(crate) fn parse_blkid_export(text: &str) -> Probe {
 
 /// Low-level probe of `device` (bypasses blkid's cache).
 pub fn probe(device: &Path) -> Result<Probe, MkfsError> {
-    let output = run(
-        "blkid",
-        &[
-            "-p".as_ref(),
-            "-o".as_ref(),
-            "export".as_ref(),
-            device.as_os_str(),
-        ],
-    )?;
+    let output = run("blkid", &["-p".as_ref(), "-o".as_ref(), "export".as_ref(), device.as_os_str()])?;
     match output.status.code() {
         Some(0) => Ok(parse_blkid_export(&String::from_utf8_lossy(&output.stdout))),
         // blkid's documented "nothing detected" exit status.
@@ -91,16 +73,7 @@ pub fn probe(device: &Path) -> Result<Probe, MkfsError> {
 /// would punch the preallocation out again) and lazy inode table / journal initialisation.
 fn mkfs_args(fs: FsType) -> (&'static str, &'static [&'static str]) {
     match fs {
-        FsType::Ext4 => (
-            "mkfs.ext4",
-            &[
-                "-q",
-                "-m",
-                "0",
-                "-E",
-                "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
-            ],
-        ),
+        FsType::Ext4 => ("mkfs.ext4", &["-q", "-m", "0", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"]),
         // Without -f, mkfs.xfs and mkfs.btrfs refuse to overwrite an existing signature: a second guard.
         FsType::Xfs => ("mkfs.xfs", &["-q", "-K"]),
         FsType::Btrfs => ("mkfs.btrfs", &["-q", "-K"]),
@@ -120,6 +93,22 @@ pub fn make_filesystem(device: &Path, fs: FsType, extra: &[String]) -> Result<()
     Ok(())
 }
 
+/// Grows a mounted filesystem to fill its (already enlarged) device. Idempotent.
+pub fn grow_filesystem(device: &Path, mount_point: &Path, fs: FsType) -> Result<(), MkfsError> {
+    let (program, args): (&'static str, Vec<&std::ffi::OsStr>) = match fs {
+        FsType::Ext4 => ("resize2fs", vec![device.as_os_str()]),
+        FsType::Xfs => ("xfs_growfs", vec![mount_point.as_os_str()]),
+        FsType::Btrfs => {
+            ("btrfs", vec!["filesystem".as_ref(), "resize".as_ref(), "max".as_ref(), mount_point.as_os_str()])
+        }
+    };
+    let output = run(program, &args)?;
+    if !output.status.success() {
+        return Err(failure(program, device, &output));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,10 +120,7 @@ mod tests {
             parse_blkid_export("DEVNAME=/dev/loop0\nUUID=abc\nTYPE=xfs\nUSAGE=filesystem\n"),
             Probe::Filesystem("xfs".into())
         );
-        assert_eq!(
-            parse_blkid_export("DEVNAME=/dev/loop0\nTYPE=ext4\n"),
-            Probe::Filesystem("ext4".into())
-        );
+        assert_eq!(parse_blkid_export("DEVNAME=/dev/loop0\nTYPE=ext4\n"), Probe::Filesystem("ext4".into()));
         assert_eq!(
             parse_blkid_export("DEVNAME=/dev/loop0\nPTUUID=1\nPTTYPE=gpt\n"),
             Probe::Other("gpt partition table".into())
@@ -150,14 +136,8 @@ mod tests {
         for fs in [FsType::Ext4, FsType::Xfs, FsType::Btrfs] {
             let (_, args) = mkfs_args(fs);
             let joined = args.join(" ");
-            assert!(
-                joined.contains("nodiscard") || joined.contains("-K"),
-                "{fs:?}: {joined}"
-            );
-            assert!(
-                !args.contains(&"-f") && !args.contains(&"-F"),
-                "{fs:?} must not force"
-            );
+            assert!(joined.contains("nodiscard") || joined.contains("-K"), "{fs:?}: {joined}");
+            assert!(!args.contains(&"-f") && !args.contains(&"-F"), "{fs:?} must not force");
         }
     }
 }

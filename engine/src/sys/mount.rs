@@ -56,14 +56,7 @@ pub fn mount_filesystem(
 /// Bind-mounts `source` at `target`, then applies per-mount-point `flags` (ro, nosuid, …), which
 /// a bind mount only takes on a remount.
 pub fn bind(source: &Path, target: &Path, flags: MsFlags) -> Result<(), MountError> {
-    mount(
-        Some(source),
-        target,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(|e| MountError::Bind {
+    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(|e| MountError::Bind {
         source_path: source.to_owned(),
         target: target.to_owned(),
         source: e,
@@ -73,10 +66,7 @@ pub fn bind(source: &Path, target: &Path, flags: MsFlags) -> Result<(), MountErr
         if let Err(source) = mount(None::<&str>, target, None::<&str>, remount, None::<&str>) {
             // Never leave a mount with weaker flags than asked for (e.g. writable instead of ro).
             let _ = umount2(target, MntFlags::empty());
-            return Err(MountError::Remount {
-                target: target.to_owned(),
-                source,
-            });
+            return Err(MountError::Remount { target: target.to_owned(), source });
         }
     }
     Ok(())
@@ -86,9 +76,6 @@ pub fn bind(source: &Path, target: &Path, flags: MsFlags) -> Result<(), MountErr
 pub fn unmount(target: &Path) -> Result<(), MountError> {
     match umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
         Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => Ok(()),
-        Err(source) => Err(MountError::Unmount {
-            target: target.to_owned(),
-            source,
-        }),
+        Err(source) => Err(MountError::Unmount { target: target.to_owned(), source }),
     }
 }

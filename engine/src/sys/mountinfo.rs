@@ -47,14 +47,8 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
-            let value =
-                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+            let value = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(value);
             i += 4;
         } else {
@@ -97,10 +91,7 @@ pub fn parse(text: &str) -> Result<Vec<MountEntry>, MountInfoError> {
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(index, line)| {
-            parse_line(line).ok_or_else(|| MountInfoError::Malformed {
-                line_number: index + 1,
-                line: line.to_owned(),
-            })
+            parse_line(line).ok_or_else(|| MountInfoError::Malformed { line_number: index + 1, line: line.to_owned() })
         })
         .collect()
 }
@@ -114,11 +105,8 @@ pub struct MountTable {
 impl MountTable {
     pub fn read() -> Result<Self, MountInfoError> {
         let path = PathBuf::from("/proc/self/mountinfo");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|source| MountInfoError::Read { path, source })?;
-        Ok(Self {
-            entries: parse(&text)?,
-        })
+        let text = std::fs::read_to_string(&path).map_err(|source| MountInfoError::Read { path, source })?;
+        Ok(Self { entries: parse(&text)? })
     }
 
     pub fn from_entries(entries: Vec<MountEntry>) -> Self {
@@ -135,10 +123,7 @@ impl MountTable {
     }
 
     /// Every mount whose filesystem was mounted from `device`.
-    pub fn mounts_of_device<'a>(
-        &'a self,
-        device: &'a Path,
-    ) -> impl Iterator<Item = &'a MountEntry> {
+    pub fn mounts_of_device<'a>(&'a self, device: &'a Path) -> impl Iterator<Item = &'a MountEntry> {
         self.entries.iter().filter(move |e| e.is_from(device))
     }
 }
@@ -184,21 +169,13 @@ mod tests {
         assert!(!table.is_mount_point(Path::new("/tmp/nothing")));
         assert_eq!(table.mounts_of_device(Path::new("/dev/loop3")).count(), 3);
         assert_eq!(table.mounts_of_device(Path::new("/dev/loop4")).count(), 0);
-        assert!(
-            table
-                .top_mount_at(Path::new("/tmp/bind"))
-                .unwrap()
-                .is_from(Path::new("/dev/loop3"))
-        );
+        assert!(table.top_mount_at(Path::new("/tmp/bind")).unwrap().is_from(Path::new("/dev/loop3")));
     }
 
     #[test]
     fn rejects_malformed_lines() {
         let err = parse("22 1 253:0 / / rw\n").unwrap_err();
-        assert!(matches!(
-            err,
-            MountInfoError::Malformed { line_number: 1, .. }
-        ));
+        assert!(matches!(err, MountInfoError::Malformed { line_number: 1, .. }));
         assert!(parse("x 1 253:0 / / rw - ext4 /dev/vda rw").is_err());
     }
 }

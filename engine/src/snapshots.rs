@@ -1,0 +1,281 @@
+//! Snapshots and group snapshots: point-in-time copies of volume images, taken with the source
+//! filesystem frozen when it is mounted, so each copy is what a crash at that instant would leave.
+
+use std::collections::BTreeSet;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::Engine;
+use crate::error::{Error, Result};
+use crate::ids::{GroupSnapshotId, SnapshotId, VolumeId};
+use crate::model::{GroupSnapshotRecord, SnapshotRecord, VolumeRecord};
+use crate::sys::freeze::{self, Frozen};
+use crate::sys::mountinfo::MountTable;
+
+fn now_precise() -> (i64, i32) {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    (now.as_secs() as i64, now.subsec_nanos() as i32)
+}
+
+fn require(what: &str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::InvalidArgument(format!("{what} is required")));
+    }
+    Ok(())
+}
+
+impl Engine {
+    /// Freezes the volume's filesystem while the returned guard lives, if it is mounted here.
+    pub(crate) fn freeze_if_mounted(&self, record: &VolumeRecord) -> Result<Option<Frozen>> {
+        let Some(staged) = record.staged.as_ref().filter(|s| s.filesystem_mounted && !s.read_only) else {
+            return Ok(None);
+        };
+        let table = MountTable::read().map_err(|e| Error::internal("reading the mount table", e))?;
+        if !table.top_mount_at(&staged.staging_path).is_some_and(|m| m.is_from(&staged.device)) {
+            return Ok(None);
+        }
+        freeze::freeze(&staged.staging_path)
+            .map(Some)
+            .map_err(|e| Error::internal(format!("quiescing {}", record.id), e))
+    }
+
+    /// Copies the image of `volume` (whose lock the caller holds, frozen if needed) into `id`.
+    fn take_snapshot(
+        &self,
+        id: &SnapshotId,
+        name: &str,
+        volume: &VolumeRecord,
+        group: Option<&GroupSnapshotId>,
+    ) -> Result<SnapshotRecord> {
+        if !self.pool.image_exists(&volume.id) {
+            return Err(Error::FailedPrecondition(format!("the image of volume {} is missing", volume.id)));
+        }
+        let method = self.pool.copy_to_snapshot(&self.pool.image_path(&volume.id), id)?;
+        let (created_at_seconds, created_at_nanos) = now_precise();
+        let record = SnapshotRecord {
+            id: id.clone(),
+            name: name.to_owned(),
+            source_volume_id: volume.id.clone(),
+            size_bytes: volume.capacity_bytes,
+            layout: volume.layout,
+            filesystem_bytes: volume.filesystem_bytes,
+            created_at_seconds,
+            created_at_nanos,
+            group_snapshot_id: group.cloned(),
+            copy_method: method.as_str().to_owned(),
+        };
+        if let Err(err) = self.snapshots.save(&record) {
+            let _ = self.pool.remove_snapshot_image(id);
+            return Err(err);
+        }
+        tracing::info!(snapshot_id = %id, volume_id = %volume.id, method = method.as_str(), "snapshot taken");
+        Ok(record)
+    }
+
+    fn source_volume(&self, raw: &str) -> Result<(VolumeId, VolumeRecord)> {
+        let id =
+            VolumeId::parse(raw).ok_or_else(|| Error::NotFound(format!("source volume {raw:?} does not exist")))?;
+        let record =
+            self.store.load(&id)?.ok_or_else(|| Error::NotFound(format!("source volume {id} does not exist")))?;
+        Ok((id, record))
+    }
+
+    pub fn create_snapshot(&self, name: &str, source_volume_id: &str) -> Result<SnapshotRecord> {
+        require("name", name)?;
+        require("source_volume_id", source_volume_id)?;
+        let id = SnapshotId::for_name(name);
+        let _snapshot_guard = self.locks.try_lock(id.as_str())?;
+        if let Some(existing) = self.snapshots.load(&id)? {
+            if existing.source_volume_id.as_str() == source_volume_id {
+                return Ok(existing);
+            }
+            return Err(Error::AlreadyExists(format!(
+                "snapshot {name:?} already exists for volume {}, not {source_volume_id}",
+                existing.source_volume_id
+            )));
+        }
+        let (volume_id, _) = self.source_volume(source_volume_id)?;
+        let _volume_guard = self.locks.try_lock(volume_id.as_str())?;
+        let (_, volume) = self.source_volume(source_volume_id)?;
+        let frozen = self.freeze_if_mounted(&volume)?;
+        let result = self.take_snapshot(&id, name, &volume, None);
+        drop(frozen);
+        result
+    }
+
+    pub fn delete_snapshot(&self, raw_id: &str) -> Result<()> {
+        require("snapshot_id", raw_id)?;
+        let Some(id) = SnapshotId::parse(raw_id) else { return Ok(()) };
+        let _guard = self.locks.try_lock(id.as_str())?;
+        if let Some(record) = self.snapshots.load(&id)?
+            && let Some(group) = &record.group_snapshot_id
+            && self.groups.load(group)?.is_some()
+        {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {id} is part of group snapshot {group}; delete the group snapshot instead"
+            )));
+        }
+        self.pool.remove_snapshot_image(&id)?;
+        self.snapshots.remove(&id)?;
+        Ok(())
+    }
+
+    pub fn snapshot(&self, raw_id: &str) -> Result<SnapshotRecord> {
+        require("snapshot_id", raw_id)?;
+        SnapshotId::parse(raw_id)
+            .map(|id| self.snapshots.load(&id))
+            .transpose()?
+            .flatten()
+            .ok_or_else(|| Error::NotFound(format!("snapshot {raw_id:?} does not exist")))
+    }
+
+    /// One page of snapshots in ID order, optionally filtered by snapshot or source volume.
+    pub fn list_snapshots(
+        &self,
+        starting_token: &str,
+        max_entries: i32,
+        snapshot_id: &str,
+        source_volume_id: &str,
+    ) -> Result<(Vec<SnapshotRecord>, String)> {
+        if max_entries < 0 {
+            return Err(Error::InvalidArgument(format!("max_entries must not be negative, got {max_entries}")));
+        }
+        let after = match starting_token {
+            "" => None,
+            token => Some(SnapshotId::parse(token).ok_or_else(|| {
+                Error::Aborted(format!("starting_token {token:?} was not issued by this plugin; restart the listing"))
+            })?),
+        };
+        let mut page: Vec<SnapshotRecord> = self
+            .snapshots
+            .list()?
+            .into_iter()
+            .filter(|s| snapshot_id.is_empty() || s.id.as_str() == snapshot_id)
+            .filter(|s| source_volume_id.is_empty() || s.source_volume_id.as_str() == source_volume_id)
+            .filter(|s| after.as_ref().is_none_or(|a| &s.id > a))
+            .collect();
+        let mut next = String::new();
+        if max_entries > 0 && page.len() > max_entries as usize {
+            page.truncate(max_entries as usize);
+            next = page.last().map(|s| s.id.to_string()).unwrap_or_default();
+        }
+        Ok((page, next))
+    }
+
+    /// Freezes every mounted member, snapshots them all, then thaws: one crash-consistent group.
+    pub fn create_group_snapshot(
+        &self,
+        name: &str,
+        source_volume_ids: &[String],
+    ) -> Result<(GroupSnapshotRecord, Vec<SnapshotRecord>)> {
+        require("name", name)?;
+        if source_volume_ids.is_empty() {
+            return Err(Error::InvalidArgument("source_volume_ids is required".into()));
+        }
+        let id = GroupSnapshotId::for_name(name);
+        let _group_guard = self.locks.try_lock(id.as_str())?;
+        let wanted: BTreeSet<&str> = source_volume_ids.iter().map(String::as_str).collect();
+        if let Some(existing) = self.groups.load(&id)? {
+            let have: BTreeSet<&str> = existing.source_volume_ids.iter().map(VolumeId::as_str).collect();
+            if have != wanted {
+                return Err(Error::AlreadyExists(format!(
+                    "group snapshot {name:?} already exists with different source volumes"
+                )));
+            }
+            let members = self.group_members(&existing)?;
+            return Ok((existing, members));
+        }
+        let mut volume_ids = Vec::new();
+        for raw in &wanted {
+            volume_ids.push(self.source_volume(raw)?.0);
+        }
+        let _volume_guards = volume_ids.iter().map(|v| self.locks.try_lock(v.as_str())).collect::<Result<Vec<_>>>()?;
+        let volumes =
+            volume_ids.iter().map(|v| self.source_volume(v.as_str()).map(|(_, r)| r)).collect::<Result<Vec<_>>>()?;
+
+        let frozen = volumes.iter().map(|v| self.freeze_if_mounted(v)).collect::<Result<Vec<_>>>()?;
+        let mut taken = Vec::new();
+        for volume in &volumes {
+            let snapshot_id = SnapshotId::for_name(&format!("{id}/{}", volume.id));
+            match self.take_snapshot(&snapshot_id, &format!("{name}-{}", volume.id), volume, Some(&id)) {
+                Ok(record) => taken.push(record),
+                Err(err) => {
+                    drop(frozen);
+                    for record in &taken {
+                        let _ = self.pool.remove_snapshot_image(&record.id);
+                        let _ = self.snapshots.remove(&record.id);
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        drop(frozen);
+        let (created_at_seconds, created_at_nanos) = now_precise();
+        let group = GroupSnapshotRecord {
+            id: id.clone(),
+            name: name.to_owned(),
+            source_volume_ids: volume_ids,
+            snapshot_ids: taken.iter().map(|s| s.id.clone()).collect(),
+            created_at_seconds,
+            created_at_nanos,
+        };
+        self.groups.save(&group)?;
+        tracing::info!(group_snapshot_id = %id, members = taken.len(), "group snapshot taken");
+        Ok((group, taken))
+    }
+
+    fn group_members(&self, group: &GroupSnapshotRecord) -> Result<Vec<SnapshotRecord>> {
+        let mut members = Vec::new();
+        for id in &group.snapshot_ids {
+            members.push(self.snapshots.load(id)?.ok_or_else(|| {
+                Error::internal(format!("group snapshot {}", group.id), format!("member {id} is missing"))
+            })?);
+        }
+        Ok(members)
+    }
+
+    fn check_member_list(group: &GroupSnapshotRecord, snapshot_ids: &[String]) -> Result<()> {
+        if snapshot_ids.is_empty() {
+            return Ok(());
+        }
+        let given: BTreeSet<&str> = snapshot_ids.iter().map(String::as_str).collect();
+        let have: BTreeSet<&str> = group.snapshot_ids.iter().map(SnapshotId::as_str).collect();
+        if given != have {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot_ids do not match the members of group snapshot {}",
+                group.id
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn group_snapshot(
+        &self,
+        raw_id: &str,
+        snapshot_ids: &[String],
+    ) -> Result<(GroupSnapshotRecord, Vec<SnapshotRecord>)> {
+        require("group_snapshot_id", raw_id)?;
+        let group = GroupSnapshotId::parse(raw_id)
+            .map(|id| self.groups.load(&id))
+            .transpose()?
+            .flatten()
+            .ok_or_else(|| Error::NotFound(format!("group snapshot {raw_id:?} does not exist")))?;
+        Self::check_member_list(&group, snapshot_ids)?;
+        let members = self.group_members(&group)?;
+        Ok((group, members))
+    }
+
+    pub fn delete_group_snapshot(&self, raw_id: &str, snapshot_ids: &[String]) -> Result<()> {
+        require("group_snapshot_id", raw_id)?;
+        let Some(id) = GroupSnapshotId::parse(raw_id) else { return Ok(()) };
+        let _guard = self.locks.try_lock(id.as_str())?;
+        let Some(group) = self.groups.load(&id)? else { return Ok(()) };
+        Self::check_member_list(&group, snapshot_ids)?;
+        for member in &group.snapshot_ids {
+            self.pool.remove_snapshot_image(member)?;
+            self.snapshots.remove(member)?;
+        }
+        self.groups.remove(&id)?;
+        tracing::info!(group_snapshot_id = %id, "group snapshot deleted");
+        Ok(())
+    }
+}
