@@ -216,6 +216,7 @@ impl Engine {
             options.data.push("nouuid".into());
         }
         ensure_target(staging, false)?;
+        let wants_growth = |record: &VolumeRecord| !read_only && record.filesystem_bytes < record.capacity_bytes;
         match mkfs::probe(&dev_path).map_err(|e| Error::internal(format!("probing {id}"), e))? {
             Probe::Blank => {
                 tracing::info!(volume_id = %id, fs = fs.as_str(), "formatting blank volume");
@@ -223,7 +224,14 @@ impl Engine {
                     .map_err(|e| Error::internal(format!("formatting {id}"), e))?;
                 record.filesystem_bytes = record.capacity_bytes;
             }
-            Probe::Filesystem(found) if found == fs.as_str() => {}
+            Probe::Filesystem(found) if found == fs.as_str() => {
+                if fs == FsType::Ext4 && wants_growth(record) {
+                    mkfs::grow_unmounted_ext4(&dev_path)
+                        .map_err(|e| Error::internal(format!("growing the filesystem of {id}"), e))?;
+                    tracing::info!(volume_id = %id, bytes = record.capacity_bytes, "filesystem grown before mounting");
+                    record.filesystem_bytes = record.capacity_bytes;
+                }
+            }
             Probe::Filesystem(found) => {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {id} holds a {found} filesystem, not {}; plinth never reformats existing data",
@@ -238,14 +246,49 @@ impl Engine {
         }
         mount::mount_filesystem(&dev_path, staging, fs.as_str(), options.flags, &options.data_string())
             .map_err(|e| Error::internal(format!("mounting {id}"), e))?;
-        if !read_only && record.filesystem_bytes < record.capacity_bytes {
-            if let Err(err) = mkfs::grow_filesystem(&dev_path, staging, fs) {
+        if wants_growth(record) {
+            // xfs and btrfs grow only while mounted.
+            if let Err(err) = self.grow_mounted(record, device, staging, fs) {
                 let _ = mount::unmount(staging);
-                return Err(Error::internal(format!("growing the filesystem of {id}"), err));
+                return Err(err);
             }
-            tracing::info!(volume_id = %id, bytes = record.capacity_bytes, "filesystem grown to fill its volume");
-            record.filesystem_bytes = record.capacity_bytes;
         }
+        Ok(())
+    }
+
+    /// Grows a mounted filesystem to its volume's size and checks that it really grew (a resize
+    /// reported done but not done is a bug other drivers shipped).
+    fn grow_mounted(
+        &self,
+        record: &mut VolumeRecord,
+        device: LoopDevice,
+        mount_point: &Path,
+        fs: FsType,
+    ) -> Result<()> {
+        let id = &record.id;
+        let usage = |what: &str| {
+            statfs::usage(mount_point)
+                .map(|u| u.total_bytes)
+                .context(|| format!("statfs {} {what}", mount_point.display()))
+        };
+        let before = usage("before growing")?;
+        mkfs::grow_filesystem(&device.path(), mount_point, fs).map_err(|e| {
+            let hint = if fs == FsType::Ext4 {
+                " (online ext4 growth needs CAP_SYS_RESOURCE; without it the filesystem grows on next stage)"
+            } else {
+                ""
+            };
+            Error::internal(format!("growing the filesystem of {id}{hint}"), e)
+        })?;
+        let after = usage("after growing")?;
+        if after <= before {
+            return Err(Error::internal(
+                format!("growing the filesystem of {id}"),
+                format!("it still has {after} bytes after growing to a {} byte device", record.capacity_bytes),
+            ));
+        }
+        tracing::info!(volume_id = %id, from = before, to = after, "filesystem grown");
+        record.filesystem_bytes = record.capacity_bytes;
         Ok(())
     }
 
@@ -277,11 +320,8 @@ impl Engine {
             (record.layout, staged.filesystem_mounted, staged.read_only)
             && record.filesystem_bytes < record.capacity_bytes
         {
-            mkfs::grow_filesystem(&device.path(), &staged.staging_path, fs_type)
-                .map_err(|e| Error::internal(format!("growing the filesystem of {id}"), e))?;
-            record.filesystem_bytes = record.capacity_bytes;
+            self.grow_mounted(&mut record, device, &staged.staging_path, fs_type)?;
             self.store.save(&record)?;
-            tracing::info!(volume_id = %id, bytes = record.capacity_bytes, "filesystem grown online");
         }
         device.size_bytes().map_err(|e| Error::internal(format!("sizing {id}"), e))
     }

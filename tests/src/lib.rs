@@ -39,11 +39,18 @@ pub fn plinth_bin() -> PathBuf {
     bin
 }
 
-/// Unmounts everything below `dir` and detaches loop devices backed by files below it.
+/// Detaches loop devices backed by files below `dir` and unmounts everything below it. Loop
+/// devices go first, while their backing paths still resolve: the kernel then frees each one as
+/// soon as its last mount is gone (even a pool filesystem that itself sits on a loop device).
 pub fn sweep(dir: &Path) {
-    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
+    if let Ok(devices) = plinth_engine::sys::loopdev::attached_devices() {
+        for (device, backing) in devices {
+            if backing.starts_with(dir) {
+                let _ = plinth_engine::sys::loopdev::detach(device);
+            }
+        }
+    }
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
     let mut mounts: Vec<PathBuf> = plinth_engine::sys::mountinfo::parse(&table)
         .unwrap_or_default()
         .into_iter()
@@ -53,13 +60,6 @@ pub fn sweep(dir: &Path) {
     mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for mount in mounts {
         let _ = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH);
-    }
-    if let Ok(devices) = plinth_engine::sys::loopdev::attached_devices() {
-        for (device, backing) in devices {
-            if backing.starts_with(dir) {
-                let _ = plinth_engine::sys::loopdev::detach(device);
-            }
-        }
     }
 }
 
@@ -142,6 +142,10 @@ pub struct Plinth {
 
 impl Plinth {
     pub fn start(sandbox: &Sandbox, extra: &[&str]) -> Self {
+        Self::start_with_data_dir(sandbox, &sandbox.data_dir(), extra)
+    }
+
+    pub fn start_with_data_dir(sandbox: &Sandbox, data_dir: &Path, extra: &[&str]) -> Self {
         let log = sandbox.path().join("plinth.log");
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let child = Command::new(plinth_bin())
@@ -149,7 +153,7 @@ impl Plinth {
             .arg(sandbox.endpoint())
             .arg("standalone")
             .arg("--data-dir")
-            .arg(sandbox.data_dir())
+            .arg(data_dir)
             .arg("--allowed-root")
             .arg(sandbox.root())
             .arg("--node-id")
@@ -228,16 +232,20 @@ pub struct Clients {
 }
 
 impl Clients {
-    pub async fn connect(socket: &Path) -> Self {
+    pub async fn channel(socket: &Path) -> Channel {
         let socket = socket.to_owned();
-        let channel = Endpoint::try_from("http://plinth.invalid")
+        Endpoint::try_from("http://plinth.invalid")
             .expect("endpoint")
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let socket = socket.clone();
                 async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
             }))
             .await
-            .expect("connect to plinth");
+            .expect("connect to plinth")
+    }
+
+    pub async fn connect(socket: &Path) -> Self {
+        let channel = Self::channel(socket).await;
         Self {
             identity: IdentityClient::new(channel.clone()),
             controller: ControllerClient::new(channel.clone()),

@@ -16,6 +16,12 @@ const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
+/// Every plinth loop device presents 4096-byte logical blocks, whatever backs it. The kernel
+/// otherwise derives the size from the backing file's direct-I/O alignment, which changes under a
+/// filesystem's feet (a reflinked file on xfs needs 4096-aligned direct I/O, a fresh one 512):
+/// a filesystem made with 1 KiB blocks then no longer mounts. 4096 also keeps direct I/O aligned.
+pub const LOGICAL_BLOCK_SIZE: u32 = 4096;
+
 const LO_FLAGS_READ_ONLY: u32 = 1;
 const LO_FLAGS_DIRECT_IO: u32 = 16;
 const LO_NAME_SIZE: usize = 64;
@@ -184,7 +190,7 @@ pub fn attach(image: &Path, read_only: bool) -> Result<LoopDevice, LoopError> {
         let device_file = open_device(&device.path(), !read_only)?;
         let mut config = LoopConfig {
             fd: backing.as_raw_fd() as u32,
-            block_size: 0,
+            block_size: LOGICAL_BLOCK_SIZE,
             info: LoopInfo64 {
                 lo_device: 0,
                 lo_inode: 0,
