@@ -35,7 +35,10 @@ run_one() {
   mkdir -p "$root"  # csi-sanity creates mount/ and staging/ itself and fails if they exist
   printf 'fsType: %s\n' "$fstype" >"$work/params.yaml"
   printf 'provisioning: thick\n' >"$work/mutable.yaml"
-  local params=(--csi.testvolumemutableparameters "$work/mutable.yaml" --csi.testvolumeexpandsize $((2 * size)))
+  # plinth takes no snapshot parameters of its own; Kubernetes' informational keys are accepted.
+  printf 'csi.storage.k8s.io/volumesnapshot/name: sanity\n' >"$work/snapshot.yaml"
+  local params=(--csi.testvolumemutableparameters "$work/mutable.yaml" --csi.testvolumeexpandsize $((2 * size))
+                --csi.testsnapshotparameters "$work/snapshot.yaml")
   [ "$access" = mount ] && params+=(--csi.testvolumeparameters "$work/params.yaml")
 
   "$plinth" standalone --data-dir "$work/data" --allowed-root "$root" --node-id sanity-node \

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use plinth_engine::caps::Capability;
 use plinth_engine::model::{
     ContentSource, Layout, MutableParameters, PARAM_FS_TYPE, PARAM_PROVISIONING, SnapshotRecord, VolumeParameters,
-    VolumeRecord,
+    VolumeRecord, check_snapshot_parameters,
 };
 use plinth_engine::volumes::{CreateVolume, SourceRequest};
 use plinth_engine::{Engine, Error};
@@ -274,6 +274,7 @@ impl Controller for ControllerService {
         request: Request<csi::CreateSnapshotRequest>,
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
         let req = request.into_inner();
+        check_snapshot_parameters(&req.parameters).map_err(|e| rpc::refused("CreateSnapshot", e))?;
         let engine = Arc::clone(&self.engine);
         let (name, source) = (req.name.clone(), req.source_volume_id.clone());
         let record =

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use plinth_engine::Engine;
-use plinth_engine::model::{GroupSnapshotRecord, SnapshotRecord};
+use plinth_engine::model::{GroupSnapshotRecord, SnapshotRecord, check_snapshot_parameters};
 use plinth_proto::csi_v1::{
     self as csi, group_controller_server::GroupController, group_controller_service_capability,
 };
@@ -53,6 +53,7 @@ impl GroupController for GroupControllerService {
         request: Request<csi::CreateVolumeGroupSnapshotRequest>,
     ) -> Result<Response<csi::CreateVolumeGroupSnapshotResponse>, Status> {
         let req = request.into_inner();
+        check_snapshot_parameters(&req.parameters).map_err(|e| rpc::refused("CreateVolumeGroupSnapshot", e))?;
         let engine = Arc::clone(&self.engine);
         let (group, members) = rpc::run("CreateVolumeGroupSnapshot", "", move || {
             engine.create_group_snapshot(&req.name, &req.source_volume_ids)

@@ -221,6 +221,17 @@ pub const PARAM_FS_TYPE: &str = "fsType";
 pub const PARAM_PROVISIONING: &str = "provisioning";
 pub const PARAM_MKFS_OPTIONS: &str = "mkfsOptions";
 
+/// CreateSnapshot / CreateVolumeGroupSnapshot parameters: plinth takes none of its own; keys
+/// Kubernetes tooling adds are informational.
+pub fn check_snapshot_parameters<'a>(params: impl IntoIterator<Item = (&'a String, &'a String)>) -> Result<()> {
+    for (key, _) in params {
+        if !key.starts_with(KUBERNETES_PARAM_PREFIX) {
+            return Err(Error::InvalidArgument(format!("unknown snapshot parameter {key:?}: plinth takes none")));
+        }
+    }
+    Ok(())
+}
+
 /// Parameters that may change after creation (VolumeAttributesClass / ControllerModifyVolume).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MutableParameters {

@@ -165,6 +165,35 @@ async fn controller_rejects_bad_requests_with_the_right_codes() {
         .unwrap()
         .into_inner();
     assert!(multi.confirmed.is_none() && multi.message.contains("MULTI_NODE"), "{multi:?}");
+    let snap = |name: &str, source: &str, params: &[(&str, &str)]| csi::CreateSnapshotRequest {
+        name: name.into(),
+        source_volume_id: source.into(),
+        parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    };
+    let cases = [
+        ("no name", snap("", &volume.volume_id, &[]), Code::InvalidArgument),
+        ("no source", snap("s", "", &[]), Code::InvalidArgument),
+        ("unknown source", snap("s", "vol-0123456789abcdef0123456789abcdef", &[]), Code::NotFound),
+        ("path-like source", snap("s", "../../etc", &[]), Code::NotFound),
+        ("unknown parameter", snap("s", &volume.volume_id, &[("speed", "fast")]), Code::InvalidArgument),
+    ];
+    for (what, request, expected) in cases {
+        assert_eq!(code(c.controller.create_snapshot(request).await), expected, "CreateSnapshot: {what}");
+    }
+    let k8s = snap("s", &volume.volume_id, &[("csi.storage.k8s.io/volumesnapshot/name", "x")]);
+    assert_eq!(code(c.controller.create_snapshot(k8s).await), Code::Ok);
+    let listed = c.controller.list_volumes(csi::ListVolumesRequest::default()).await.unwrap().into_inner();
+    let other =
+        listed.entries.iter().map(|e| e.volume.as_ref().unwrap().volume_id.clone()).find(|id| *id != volume.volume_id);
+    let other_source = snap("s", &other.expect("two volumes exist"), &[]);
+    assert_eq!(code(c.controller.create_snapshot(other_source).await), Code::AlreadyExists, "same name, other source");
+    let list = |token: &str| csi::ListSnapshotsRequest { starting_token: token.into(), ..Default::default() };
+    assert_eq!(code(c.controller.list_snapshots(list("bogus")).await), Code::Aborted);
+    let get = csi::GetSnapshotRequest { snapshot_id: "snap-missing".into(), ..Default::default() };
+    assert_eq!(code(c.controller.get_snapshot(get).await), Code::NotFound);
+    let expand = csi::ControllerExpandVolumeRequest { volume_id: volume.volume_id.clone(), ..Default::default() };
+    assert_eq!(code(c.controller.controller_expand_volume(expand).await), Code::InvalidArgument, "no range");
     assert!(plinth.stop().success(), "plinth survived every bad request and exits cleanly");
 }
 
