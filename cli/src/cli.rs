@@ -88,6 +88,9 @@ pub struct ServerOpts {
     /// Permit a mount option beyond the built-in allowlist (repeatable), e.g. suid or dev.
     #[arg(long = "allow-mount-option")]
     pub allowed_mount_options: Vec<String>,
+    /// Serve /healthz, /readyz and /metrics on this address (e.g. 0.0.0.0:9808).
+    #[arg(long)]
+    pub http_address: Option<std::net::SocketAddr>,
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {

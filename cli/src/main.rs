@@ -2,6 +2,7 @@
 
 mod cli;
 mod client;
+mod http;
 mod logging;
 mod server;
 mod verbs;

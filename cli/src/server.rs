@@ -143,6 +143,17 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
     let node = mode.node().then(|| NodeServer::new(NodeService::new(Arc::clone(&engine), opts.max_volumes_per_node)));
 
     let listener = bind_socket(&socket)?;
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let http = match opts.http_address {
+        Some(address) => {
+            let listener = crate::http::bind(address).await?;
+            let engine = Arc::clone(&engine);
+            Some(tokio::spawn(crate::http::serve(listener, engine, mode.node(), async {
+                let _ = http_stopped.await;
+            })))
+        }
+        None => None,
+    };
     tracing::info!(
         endpoint = %endpoint, node_id = %node_id, mode = ?mode, data_dir = %opts.data_dir.display(),
         allowed_roots = ?engine.allowed_roots(), "plinth serving"
@@ -155,6 +166,10 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
         .await;
     let _ = std::fs::remove_file(&socket);
+    let _ = stop_http.send(());
+    if let Some(http) = http {
+        http.await?.context("serving HTTP")?;
+    }
     result.context("serving CSI")?;
     tracing::info!("plinth stopped");
     Ok(())

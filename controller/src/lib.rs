@@ -4,6 +4,7 @@
 pub mod controller;
 pub mod group;
 pub mod identity;
+pub mod metrics;
 pub mod rpc;
 
 pub use controller::ControllerService;

@@ -109,6 +109,11 @@ impl Engine {
         self.paths.roots()
     }
 
+    /// Every volume record on this node.
+    pub fn volumes(&self) -> Result<Vec<model::VolumeRecord>> {
+        self.store.list()
+    }
+
     /// Ready when the pool takes new files and, for node duty, loop devices can be attached.
     pub fn probe(&self, node_duty: bool) -> Result<()> {
         if !self.pool.writable() {

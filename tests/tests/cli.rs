@@ -80,3 +80,40 @@ fn errors_tell_the_user_what_to_do() {
     assert!(!ok);
     assert!(err.contains("unknown size unit"), "{err}");
 }
+
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn health_and_metrics_endpoints() {
+    require_root!();
+    let sandbox = Sandbox::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let address = format!("127.0.0.1:{port}");
+    let _server = Plinth::start(&sandbox, &["--http-address", &address]);
+    assert_eq!(http_get(port, "/healthz"), (200, "ok".to_owned()));
+    assert_eq!(http_get(port, "/readyz"), (200, "ok".to_owned()));
+    let (ok, _, err) = plinth(&sandbox, &["volume", "create", "metered", "--size", "64Mi"]);
+    assert!(ok, "{err}");
+    let (_, _, _) = plinth(&sandbox, &["volume", "create", "metered", "--size", "128Mi"]);
+    let (status, metrics) = http_get(port, "/metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains(r#"plinth_rpc_requests_total{method="CreateVolume",code="Ok"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"plinth_rpc_requests_total{method="CreateVolume",code="AlreadyExists"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("plinth_rpc_duration_seconds_bucket"), "{metrics}");
+    assert!(metrics.contains(r#"plinth_pool_bytes{state="provisioned"} 67108864"#), "{metrics}");
+    assert!(metrics.contains(r#"plinth_volumes{state="created"} 1"#), "{metrics}");
+    let (ok, _, _) = plinth(&sandbox, &["volume", "delete", "metered"]);
+    assert!(ok);
+}

@@ -1,0 +1,73 @@
+//! The HTTP side door: `/healthz` (the process serves), `/readyz` (the pool and loop devices are
+//! usable), `/metrics` (Prometheus text). For probes and scrapers; never carries CSI traffic.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use plinth_controller::metrics::METRICS;
+use plinth_engine::Engine;
+
+#[derive(Clone)]
+struct Shared {
+    engine: Arc<Engine>,
+    node_duty: bool,
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(shared): State<Shared>) -> impl IntoResponse {
+    let engine = Arc::clone(&shared.engine);
+    match tokio::task::spawn_blocking(move || engine.probe(shared.node_duty)).await {
+        Ok(Ok(())) => (StatusCode::OK, "ok".to_owned()),
+        Ok(Err(err)) => (StatusCode::SERVICE_UNAVAILABLE, err.chain()),
+        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err.to_string()),
+    }
+}
+
+async fn metrics(State(shared): State<Shared>) -> impl IntoResponse {
+    let engine = Arc::clone(&shared.engine);
+    // Pool figures are read at scrape time: always current, no background poller.
+    let _ = tokio::task::spawn_blocking(move || -> plinth_engine::Result<()> {
+        let records = engine.volumes()?;
+        let capacity = engine.capacity(None)?;
+        METRICS.set_pool("available", capacity.available_bytes);
+        METRICS.set_pool("provisioned", capacity.provisioned_bytes);
+        METRICS.set_pool("allocated", capacity.allocated_bytes);
+        METRICS.set_pool("filesystem_total", capacity.filesystem_total_bytes);
+        METRICS.set_volumes("created", records.len());
+        METRICS.set_volumes("staged", records.iter().filter(|r| r.staged.is_some()).count());
+        METRICS.set_volumes("published", records.iter().filter(|r| !r.published.is_empty()).count());
+        Ok(())
+    })
+    .await;
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], METRICS.encode())
+}
+
+/// Binds first, so a taken port fails the start instead of surfacing at shutdown.
+pub async fn bind(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    use anyhow::Context;
+    tokio::net::TcpListener::bind(address).await.with_context(|| format!("binding the HTTP endpoint {address}"))
+}
+
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    engine: Arc<Engine>,
+    node_duty: bool,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(Shared { engine, node_duty });
+    tracing::info!(address = %listener.local_addr()?, "serving /healthz, /readyz and /metrics");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}

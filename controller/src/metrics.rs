@@ -1,0 +1,95 @@
+//! Prometheus metrics, shared process-wide: the RPC boundary and the reconcilers record here,
+//! the HTTP endpoint encodes it.
+
+use std::sync::LazyLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    pub method: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabels {
+    pub controller: String,
+    pub result: String,
+}
+
+pub struct Metrics {
+    pub rpc_requests: Family<RpcLabels, Counter>,
+    pub rpc_duration: Family<MethodLabels, Histogram>,
+    pub pool_bytes: Family<StateLabels, Gauge>,
+    pub volumes: Family<StateLabels, Gauge>,
+    pub reconciles: Family<ReconcileLabels, Counter>,
+    registry: Registry,
+}
+
+fn duration_histogram() -> Histogram {
+    // 1 ms … ~33 s: fast metadata calls up to mkfs of a large volume.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let mut registry = Registry::with_prefix("plinth");
+    let rpc_requests = Family::<RpcLabels, Counter>::default();
+    let rpc_duration = Family::<MethodLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
+    let pool_bytes = Family::<StateLabels, Gauge>::default();
+    let volumes = Family::<StateLabels, Gauge>::default();
+    let reconciles = Family::<ReconcileLabels, Counter>::default();
+    registry.register("rpc_requests", "CSI RPCs served, by method and gRPC code", rpc_requests.clone());
+    registry.register("rpc_duration_seconds", "CSI RPC latency", rpc_duration.clone());
+    registry.register(
+        "pool_bytes",
+        "Pool capacity: available, provisioned, allocated, filesystem_total",
+        pool_bytes.clone(),
+    );
+    registry.register("volumes", "Volumes on this node by state (created, staged, published)", volumes.clone());
+    registry.register("reconciles", "Reconcile runs by controller and result", reconciles.clone());
+    Metrics { rpc_requests, rpc_duration, pool_bytes, volumes, reconciles, registry }
+});
+
+impl Metrics {
+    pub fn record_rpc(&self, method: &str, code: tonic::Code, seconds: f64) {
+        self.rpc_requests.get_or_create(&RpcLabels { method: method.to_owned(), code: format!("{code:?}") }).inc();
+        self.rpc_duration.get_or_create(&MethodLabels { method: method.to_owned() }).observe(seconds);
+    }
+
+    pub fn record_reconcile(&self, controller: &str, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.reconciles
+            .get_or_create(&ReconcileLabels { controller: controller.to_owned(), result: result.to_owned() })
+            .inc();
+    }
+
+    pub fn set_pool(&self, state: &str, bytes: u64) {
+        self.pool_bytes.get_or_create(&StateLabels { state: state.to_owned() }).set(bytes.min(i64::MAX as u64) as i64);
+    }
+
+    pub fn set_volumes(&self, state: &str, count: usize) {
+        self.volumes.get_or_create(&StateLabels { state: state.to_owned() }).set(count as i64);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String");
+        text
+    }
+}
