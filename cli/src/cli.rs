@@ -88,6 +88,10 @@ pub struct ServerOpts {
     /// Permit a mount option beyond the built-in allowlist (repeatable), e.g. suid or dev.
     #[arg(long = "allow-mount-option")]
     pub allowed_mount_options: Vec<String>,
+    /// Register with the kubelet whose root directory this is (node mode), through
+    /// <kubelet-dir>/plugins_registry/, e.g. /var/lib/kubelet.
+    #[arg(long)]
+    pub kubelet_dir: Option<PathBuf>,
     /// Serve /healthz, /readyz and /metrics on this address (e.g. 0.0.0.0:9808).
     #[arg(long)]
     pub http_address: Option<std::net::SocketAddr>,

@@ -4,6 +4,7 @@ mod cli;
 mod client;
 mod http;
 mod logging;
+mod registration;
 mod server;
 mod verbs;
 

@@ -50,7 +50,7 @@ fn hostname() -> anyhow::Result<String> {
 }
 
 /// Binds the socket with 0600 permissions before anyone can connect.
-fn bind_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+pub fn bind_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
@@ -144,6 +144,16 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
 
     let listener = bind_socket(&socket)?;
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop_registration, registration_stopped) = tokio::sync::oneshot::channel::<()>();
+    let registration = match (&opts.kubelet_dir, mode.node()) {
+        (Some(kubelet_dir), true) => {
+            let (dir, endpoint) = (kubelet_dir.clone(), socket.clone());
+            Some(tokio::spawn(crate::registration::serve(dir, endpoint, async {
+                let _ = registration_stopped.await;
+            })))
+        }
+        _ => None,
+    };
     let http = match opts.http_address {
         Some(address) => {
             let listener = crate::http::bind(address).await?;
@@ -167,6 +177,10 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
         .await;
     let _ = std::fs::remove_file(&socket);
     let _ = stop_http.send(());
+    let _ = stop_registration.send(());
+    if let Some(registration) = registration {
+        registration.await?.context("serving kubelet registration")?;
+    }
     if let Some(http) = http {
         http.await?.context("serving HTTP")?;
     }

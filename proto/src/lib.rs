@@ -9,6 +9,12 @@ pub mod csi {
 
 pub use csi::v1 as csi_v1;
 
+/// kubelet's plugin registration API.
+#[allow(clippy::all, clippy::pedantic)]
+pub mod pluginregistration {
+    tonic::include_proto!("pluginregistration");
+}
+
 /// The CSI driver name every plinth component reports.
 pub const DRIVER_NAME: &str = "plinth.csi.dev";
 /// Topology key that pins a volume to the node whose pool holds it.

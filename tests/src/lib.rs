@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod k8s;
+
 use hyper_util::rt::TokioIo;
 use plinth_proto::csi_v1::{
     self as csi, controller_client::ControllerClient, identity_client::IdentityClient, node_client::NodeClient,
@@ -146,12 +148,17 @@ impl Plinth {
     }
 
     pub fn start_with_data_dir(sandbox: &Sandbox, data_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_mode(sandbox, "standalone", data_dir, extra)
+    }
+
+    /// `mode` is `standalone`, `node` or `controller`.
+    pub fn start_mode(sandbox: &Sandbox, mode: &str, data_dir: &Path, extra: &[&str]) -> Self {
         let log = sandbox.path().join("plinth.log");
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let child = Command::new(plinth_bin())
             .arg("--endpoint")
             .arg(sandbox.endpoint())
-            .arg("standalone")
+            .arg(mode)
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--allowed-root")

@@ -117,3 +117,49 @@ fn health_and_metrics_endpoints() {
     let (ok, _, _) = plinth(&sandbox, &["volume", "delete", "metered"]);
     assert!(ok);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_mode_registers_with_kubelet() {
+    use plinth_proto::pluginregistration::{InfoRequest, RegistrationStatus, registration_client::RegistrationClient};
+    require_root!();
+    let sandbox = Sandbox::new();
+    let kubelet = sandbox.root().join("kubelet");
+    std::fs::create_dir_all(kubelet.join("plugins_registry")).unwrap();
+    let server =
+        Plinth::start_mode(&sandbox, "node", &sandbox.data_dir(), &["--kubelet-dir", kubelet.to_str().unwrap()]);
+    let socket = kubelet.join("plugins_registry/plinth.csi.dev-reg.sock");
+    // kubelet's side: dial the registration socket, ask who is there, confirm.
+    let mut registration = None;
+    for _ in 0..100 {
+        if socket.exists() {
+            registration = Some(RegistrationClient::new(Clients::channel(&socket).await));
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut registration = registration.expect("registration socket appears");
+    let info = registration.get_info(InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.r#type, "CSIPlugin");
+    assert_eq!(info.name, "plinth.csi.dev");
+    assert_eq!(info.endpoint, sandbox.socket().display().to_string());
+    assert!(info.supported_versions.contains(&"1.0.0".to_owned()));
+    registration
+        .notify_registration_status(RegistrationStatus { plugin_registered: true, error: String::new() })
+        .await
+        .unwrap();
+    // The node plugin serves Node but not Controller.
+    let mut clients = server.clients().await;
+    let caps = clients.identity.get_plugin_capabilities(plinth_proto::csi_v1::GetPluginCapabilitiesRequest {}).await;
+    use plinth_proto::csi_v1::plugin_capability::{Type, service::Type as ServiceType};
+    let controller_advertised = caps
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .iter()
+        .any(|c| matches!(&c.r#type, Some(Type::Service(s)) if s.r#type == ServiceType::ControllerService as i32));
+    assert!(!controller_advertised, "node mode must not advertise CONTROLLER_SERVICE");
+    clients.node.node_get_info(plinth_proto::csi_v1::NodeGetInfoRequest {}).await.expect("node service");
+    assert!(clients.controller.list_volumes(plinth_proto::csi_v1::ListVolumesRequest::default()).await.is_err());
+    assert!(server.stop().success());
+    assert!(!socket.exists(), "registration socket removed on shutdown");
+}

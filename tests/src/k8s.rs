@@ -1,0 +1,489 @@
+//! A real Kubernetes control plane for tests: etcd, kube-apiserver and optionally
+//! kube-controller-manager (PV binder + expander) and kube-scheduler, built from the Go module
+//! proxy by `tests/k8s/build-components.sh`, listening on 127.0.0.1 with free ports in a temp
+//! dir, with a self-made CA, serving and admin certificates and a service-account key. Every
+//! process dies with the harness (on drop, on panic, and with the test process itself).
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+/// Paths of the built components, from the environment `tests/run-all.sh` sets up.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub etcd: PathBuf,
+    pub apiserver: PathBuf,
+    pub controller_manager: PathBuf,
+    pub scheduler: PathBuf,
+    pub version: String,
+}
+
+impl Binaries {
+    /// `None` when the components were not built; under CI that is a failure, not a skip.
+    pub fn from_env() -> Option<Self> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let found = (|| {
+            Some(Binaries {
+                etcd: var("PLINTH_ETCD")?.into(),
+                apiserver: var("PLINTH_KUBE_APISERVER")?.into(),
+                controller_manager: var("PLINTH_KUBE_CONTROLLER_MANAGER")?.into(),
+                scheduler: var("PLINTH_KUBE_SCHEDULER")?.into(),
+                version: var("PLINTH_K8S_VERSION")?,
+            })
+        })();
+        if found.is_none() && std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("Kubernetes components are not built: run tests/k8s/build-components.sh (tests/run-all.sh does)");
+        }
+        found
+    }
+}
+
+#[macro_export]
+macro_rules! require_control_plane {
+    () => {
+        match $crate::k8s::Binaries::from_env() {
+            Some(binaries) => binaries,
+            None => {
+                eprintln!("SKIPPED: Kubernetes components not built (tests/k8s/build-components.sh)");
+                return;
+            }
+        }
+    };
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Run kube-controller-manager with the PV binder and expander controllers.
+    pub controller_manager: bool,
+    pub scheduler: bool,
+}
+
+pub struct ControlPlane {
+    dir: tempfile::TempDir,
+    processes: Vec<(String, Child)>,
+    pub kubeconfig: PathBuf,
+    pub server: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("port").port()
+}
+
+struct Pki {
+    ca: PathBuf,
+    serving_cert: PathBuf,
+    serving_key: PathBuf,
+    admin_cert: PathBuf,
+    admin_key: PathBuf,
+    sa_private: PathBuf,
+    sa_public: PathBuf,
+}
+
+fn write_pki(dir: &Path) -> Pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose,
+    };
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write pki file");
+        path
+    };
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "plinth-test-ca");
+    ca_params.distinguished_name = dn;
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
+    let issuer = Issuer::new(ca_params, &ca_key);
+
+    let serving_key = KeyPair::generate().expect("serving key");
+    let mut serving = CertificateParams::new(vec![
+        "127.0.0.1".to_owned(),
+        "localhost".to_owned(),
+        "kubernetes".to_owned(),
+        "kubernetes.default.svc".to_owned(),
+    ])
+    .expect("serving params");
+    serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let serving_cert = serving.signed_by(&serving_key, &issuer).expect("serving cert");
+
+    let admin_key = KeyPair::generate().expect("admin key");
+    let mut admin = CertificateParams::new(Vec::<String>::new()).expect("admin params");
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "plinth-test-admin");
+    dn.push(DnType::OrganizationName, "system:masters");
+    admin.distinguished_name = dn;
+    admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let admin_cert = admin.signed_by(&admin_key, &issuer).expect("admin cert");
+
+    let sa_key = KeyPair::generate().expect("service account key");
+    Pki {
+        ca: write("ca.crt", &ca_cert.pem()),
+        serving_cert: write("apiserver.crt", &serving_cert.pem()),
+        serving_key: write("apiserver.key", &serving_key.serialize_pem()),
+        admin_cert: write("admin.crt", &admin_cert.pem()),
+        admin_key: write("admin.key", &admin_key.serialize_pem()),
+        sa_private: write("sa.key", &sa_key.serialize_pem()),
+        sa_public: write("sa.pub", &sa_key.public_key_pem()),
+    }
+}
+
+impl ControlPlane {
+    pub async fn start(binaries: &Binaries, options: Options) -> Self {
+        let dir = tempfile::Builder::new().prefix("plinth-k8s-").tempdir_in("/tmp").expect("temp dir");
+        let pki = write_pki(dir.path());
+        let mut plane = ControlPlane {
+            kubeconfig: dir.path().join("admin.kubeconfig"),
+            server: String::new(),
+            processes: Vec::new(),
+            dir,
+        };
+        let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let etcd_data = plane.dir.path().join("etcd");
+        plane.spawn(
+            "etcd",
+            Command::new(&binaries.etcd)
+                .arg("--name=test")
+                .arg(format!("--data-dir={}", etcd_data.display()))
+                .arg(format!("--listen-client-urls={etcd_url}"))
+                .arg(format!("--advertise-client-urls={etcd_url}"))
+                .arg(format!("--listen-peer-urls={peer_url}"))
+                .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+                .arg(format!("--initial-cluster=test={peer_url}"))
+                .arg("--log-level=warn")
+                .arg("--unsafe-no-fsync"),
+        );
+        plane.server = format!("https://127.0.0.1:{api_port}");
+        plane.spawn(
+            "kube-apiserver",
+            Command::new(&binaries.apiserver)
+                .arg(format!("--etcd-servers={etcd_url}"))
+                .arg("--bind-address=127.0.0.1")
+                .arg("--advertise-address=127.0.0.1")
+                .arg(format!("--secure-port={api_port}"))
+                .arg(format!("--tls-cert-file={}", pki.serving_cert.display()))
+                .arg(format!("--tls-private-key-file={}", pki.serving_key.display()))
+                .arg(format!("--client-ca-file={}", pki.ca.display()))
+                .arg("--service-account-issuer=https://kubernetes.default.svc")
+                .arg(format!("--service-account-key-file={}", pki.sa_public.display()))
+                .arg(format!("--service-account-signing-key-file={}", pki.sa_private.display()))
+                .arg("--authorization-mode=RBAC")
+                .arg("--service-cluster-ip-range=10.96.0.0/24")
+                .arg("--allow-privileged=true")
+                .arg(format!("--cert-dir={}", plane.dir.path().join("apiserver-certs").display())),
+        );
+        plane.write_kubeconfig(&pki);
+        plane.wait_ready().await;
+        let kubeconfig = plane.kubeconfig.display().to_string();
+        if options.controller_manager {
+            plane.spawn(
+                "kube-controller-manager",
+                Command::new(&binaries.controller_manager)
+                    .arg(format!("--kubeconfig={kubeconfig}"))
+                    .arg("--controllers=persistentvolume-binder-controller,persistentvolume-expander-controller")
+                    .arg("--leader-elect=false")
+                    .arg("--bind-address=127.0.0.1")
+                    .arg(format!("--secure-port={}", free_port()))
+                    .arg(format!("--cert-dir={}", plane.dir.path().join("kcm-certs").display()))
+                    .arg("--use-service-account-credentials=false"),
+            );
+        }
+        if options.scheduler {
+            plane.spawn(
+                "kube-scheduler",
+                Command::new(&binaries.scheduler)
+                    .arg(format!("--kubeconfig={kubeconfig}"))
+                    .arg("--leader-elect=false")
+                    .arg("--bind-address=127.0.0.1")
+                    .arg(format!("--secure-port={}", free_port()))
+                    .arg(format!("--cert-dir={}", plane.dir.path().join("scheduler-certs").display())),
+            );
+        }
+        plane
+    }
+
+    fn spawn(&mut self, name: &str, command: &mut Command) {
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).expect("log file");
+        // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        self.processes.push((name.to_owned(), child));
+    }
+
+    fn write_kubeconfig(&self, pki: &Pki) {
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\n\
+             users:\n- name: admin\n  user:\n    client-certificate: {cert}\n    client-key: {key}\n\
+             contexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\ncurrent-context: test\n",
+            server = self.server,
+            ca = pki.ca.display(),
+            cert = pki.admin_cert.display(),
+            key = pki.admin_key.display(),
+        );
+        std::fs::write(&self.kubeconfig, text).expect("write kubeconfig");
+    }
+
+    /// A log's last lines, for failure messages.
+    pub fn log_tail(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    fn check_alive(&mut self) {
+        for (name, child) in &mut self.processes {
+            if let Ok(Some(status)) = child.try_wait() {
+                let name = name.clone();
+                panic!("{name} exited ({status}):\n{}", self.log_tail(&name));
+            }
+        }
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            self.check_alive();
+            if let Ok(client) = self.try_client(None).await {
+                let request = http::Request::get("/readyz").body(Vec::new()).expect("request");
+                if client.request_text(request).await.is_ok_and(|t| t.trim() == "ok") {
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!("kube-apiserver not ready after 90 s:\n{}", self.log_tail("kube-apiserver"));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn try_client(&self, impersonate: Option<(&str, &[&str])>) -> Result<kube::Client, String> {
+        let mut kubeconfig = Kubeconfig::read_from(&self.kubeconfig).map_err(|e| e.to_string())?;
+        if let Some((user, groups)) = impersonate {
+            for named in &mut kubeconfig.auth_infos {
+                if let Some(auth) = named.auth_info.as_mut() {
+                    auth.impersonate = Some(user.to_owned());
+                    auth.impersonate_groups = Some(groups.iter().map(|g| g.to_string()).collect());
+                }
+            }
+        }
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        kube::Client::try_from(config).map_err(|e| e.to_string())
+    }
+
+    /// A cluster-admin client.
+    pub async fn client(&self) -> kube::Client {
+        self.try_client(None).await.expect("admin client")
+    }
+
+    /// A client acting as a service account (impersonation), with the groups it would have.
+    pub async fn client_as_service_account(&self, namespace: &str, name: &str) -> kube::Client {
+        let user = format!("system:serviceaccount:{namespace}:{name}");
+        let ns_group = format!("system:serviceaccounts:{namespace}");
+        let groups = ["system:serviceaccounts", ns_group.as_str(), "system:authenticated"];
+        self.try_client(Some((&user, &groups))).await.expect("impersonating client")
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        // Dependants first: scheduler and controller manager, then the apiserver, then etcd.
+        for (_, child) in self.processes.iter_mut().rev() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Cluster-scoped kinds among what plinth deploys (everything else gets the kustomization's
+/// namespace, as kustomize does).
+const CLUSTER_SCOPED: &[&str] = &[
+    "Namespace",
+    "CustomResourceDefinition",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "StorageClass",
+    "CSIDriver",
+    "VolumeSnapshotClass",
+    "PersistentVolume",
+];
+
+fn yaml_documents(text: &str) -> Vec<serde_json::Value> {
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(text)
+        .filter_map(|doc| {
+            let value = serde_json::Value::deserialize(doc).expect("valid YAML");
+            (!value.is_null()).then_some(value)
+        })
+        .collect()
+}
+
+pub fn read_manifests(path: &Path) -> Vec<serde_json::Value> {
+    yaml_documents(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display())))
+}
+
+/// Renders a kustomization the way `kubectl apply -k` would, for the features plinth's uses
+/// (namespace, resources, images) — and refuses any other feature, so this cannot silently drift.
+pub fn render_kustomization(dir: &Path) -> Vec<serde_json::Value> {
+    let kustomization = read_manifests(&dir.join("kustomization.yaml")).remove(0);
+    let map = kustomization.as_object().expect("kustomization is a map");
+    for key in map.keys() {
+        assert!(
+            ["apiVersion", "kind", "namespace", "resources", "images"].contains(&key.as_str()),
+            "kustomization field {key} is not rendered by the test harness"
+        );
+    }
+    let namespace = map.get("namespace").and_then(|n| n.as_str()).map(str::to_owned);
+    let images: Vec<(String, String)> = map
+        .get("images")
+        .and_then(|i| i.as_array())
+        .into_iter()
+        .flatten()
+        .map(|image| {
+            let name = image["name"].as_str().expect("image name").to_owned();
+            let new_name = image["newName"].as_str().unwrap_or(&name).to_owned();
+            let reference = match image["newTag"].as_str() {
+                Some(tag) => format!("{new_name}:{tag}"),
+                None => new_name,
+            };
+            (name, reference)
+        })
+        .collect();
+    let mut objects = Vec::new();
+    for resource in map["resources"].as_array().expect("resources") {
+        for mut object in read_manifests(&dir.join(resource.as_str().expect("resource path"))) {
+            let kind = object["kind"].as_str().expect("kind").to_owned();
+            if let Some(ns) = &namespace {
+                if !CLUSTER_SCOPED.contains(&kind.as_str()) {
+                    object["metadata"]["namespace"] = serde_json::Value::String(ns.clone());
+                }
+                if let Some(subjects) = object.get_mut("subjects").and_then(|s| s.as_array_mut()) {
+                    for subject in subjects.iter_mut().filter(|s| s["kind"] == "ServiceAccount") {
+                        subject["namespace"] = serde_json::Value::String(ns.clone());
+                    }
+                }
+            }
+            if let Some(containers) =
+                object.pointer_mut("/spec/template/spec/containers").and_then(|c| c.as_array_mut())
+            {
+                for container in containers {
+                    let image = container["image"].as_str().unwrap_or_default().to_owned();
+                    if let Some((_, reference)) = images.iter().find(|(name, _)| *name == image) {
+                        container["image"] = serde_json::Value::String(reference.clone());
+                    }
+                }
+            }
+            objects.push(object);
+        }
+    }
+    objects
+}
+
+/// Server-side applies `object` (field manager `plinth-test`), resolving its kind by discovery.
+pub async fn apply(client: &kube::Client, object: &serde_json::Value) -> kube::api::DynamicObject {
+    use kube::api::{Api, DynamicObject, Patch, PatchParams};
+    use kube::discovery::Discovery;
+    let api_version = object["apiVersion"].as_str().expect("apiVersion");
+    let kind = object["kind"].as_str().expect("kind");
+    let name = object["metadata"]["name"].as_str().expect("name");
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let gvk = kube::core::GroupVersionKind::gvk(group, version, kind);
+    let discovery = Discovery::new(client.clone()).run().await.expect("discovery");
+    let (resource, capabilities) =
+        discovery.resolve_gvk(&gvk).unwrap_or_else(|| panic!("the server does not know {api_version} {kind}"));
+    let api: Api<DynamicObject> = match capabilities.scope {
+        kube::discovery::Scope::Namespaced => {
+            let ns = object["metadata"]["namespace"].as_str().unwrap_or("default");
+            Api::namespaced_with(client.clone(), ns, &resource)
+        }
+        kube::discovery::Scope::Cluster => Api::all_with(client.clone(), &resource),
+    };
+    api.patch(name, &PatchParams::apply("plinth-test").force(), &Patch::Apply(object))
+        .await
+        .unwrap_or_else(|e| panic!("server-side apply of {kind} {name} was refused: {e}"))
+}
+
+/// Waits until the CRD named `name` reports Established.
+pub async fn wait_crd_established(client: &kube::Client, name: &str) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let api: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let crd = api.get(name).await.expect("get CRD");
+        let established = crd
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        if established {
+            return;
+        }
+        assert!(Instant::now() < deadline, "CRD {name} never became Established");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether `user` (a service account, with its groups) may do `verb` on a resource.
+pub async fn allowed(
+    client: &kube::Client,
+    service_account: (&str, &str),
+    verb: &str,
+    group: &str,
+    resource: &str,
+    namespace: Option<&str>,
+) -> bool {
+    use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+    let (ns, name) = service_account;
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(format!("system:serviceaccount:{ns}:{name}")),
+            groups: Some(vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{ns}"),
+                "system:authenticated".into(),
+            ]),
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.into()),
+                group: Some(group.into()),
+                resource: Some(resource.split('/').next().unwrap_or(resource).into()),
+                subresource: resource.split_once('/').map(|(_, sub)| sub.to_owned()),
+                namespace: namespace.map(str::to_owned),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let api: kube::Api<SubjectAccessReview> = kube::Api::all(client.clone());
+    let result = api.create(&Default::default(), &review).await.expect("SubjectAccessReview");
+    result.status.is_some_and(|s| s.allowed)
+}
