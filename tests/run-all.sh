@@ -51,6 +51,15 @@ done
 [ -n "$CSI_SANITY" ] || { echo "could not install csi-sanity" >&2; exit 1; }
 export CSI_SANITY
 
+step "Kubernetes components for the cluster tests (built once, cached under $CACHE)"
+mapfile -t components < <(PLINTH_TEST_CACHE=$CACHE tests/k8s/build-components.sh)
+[ ${#components[@]} -eq 4 ] || { echo "build-components.sh printed ${#components[@]} paths, expected 4" >&2; exit 1; }
+export PLINTH_KUBE_APISERVER=${components[0]} PLINTH_KUBE_CONTROLLER_MANAGER=${components[1]}
+export PLINTH_KUBE_SCHEDULER=${components[2]} PLINTH_ETCD=${components[3]}
+PLINTH_K8S_VERSION=$("$PLINTH_KUBE_APISERVER" --version | awk '{print $2}')
+export PLINTH_K8S_VERSION
+echo "kube-apiserver $PLINTH_K8S_VERSION, $("$PLINTH_ETCD" --version | head -1)"
+
 step "format and lint"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -67,4 +76,7 @@ PLINTH_BIN=$PWD/target/debug/plinth tests/csi-sanity.sh
 step "leak check"
 if losetup -a | grep -q 'plinth-'; then echo "loop devices left behind:"; losetup -a; exit 1; fi
 if grep -q '/tmp/plinth-' /proc/self/mountinfo; then echo "mounts left behind:"; grep '/tmp/plinth-' /proc/self/mountinfo; exit 1; fi
-echo "no loop devices or mounts left behind"
+if pgrep -f '/tmp/plinth-k8s-|kube-apiserver --etcd-servers=http://127.0.0.1' >/dev/null; then
+  echo "control-plane processes left behind:"; pgrep -af 'kube-|etcd'; exit 1
+fi
+echo "no loop devices, mounts or processes left behind"

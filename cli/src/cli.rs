@@ -92,6 +92,22 @@ pub struct ServerOpts {
     /// <kubelet-dir>/plugins_registry/, e.g. /var/lib/kubelet.
     #[arg(long)]
     pub kubelet_dir: Option<PathBuf>,
+    /// Kubernetes access (cluster mode): this kubeconfig, or the in-cluster service account
+    /// when running in a pod. Without either, plinth runs without Kubernetes.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace for plinth's own objects (leader Lease, CSIStorageCapacity).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "plinth-system")]
+    pub namespace: String,
+    /// Controller: act only while holding the leader Lease (run two replicas for failover).
+    #[arg(long)]
+    pub leader_elect: bool,
+    /// Controller: how long a leader's Lease stays valid without renewal.
+    #[arg(long, default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+    /// Controller: this replica's identity in the Lease (default: pod name, else hostname-pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
     /// Serve /healthz, /readyz and /metrics on this address (e.g. 0.0.0.0:9808).
     #[arg(long)]
     pub http_address: Option<std::net::SocketAddr>,
@@ -132,4 +148,26 @@ pub enum VolumeVerb {
     Unmount { path: PathBuf },
     /// Delete a volume (it must not be mounted).
     Delete { name: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The args deploy/ gives the containers must be ones this binary accepts.
+    #[test]
+    fn deploy_manifests_use_real_flags() {
+        let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        for file in ["controller.yaml", "node.yaml"] {
+            let text = std::fs::read_to_string(deploy.join(file)).unwrap();
+            let manifest: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+            let containers = manifest["spec"]["template"]["spec"]["containers"].as_sequence().unwrap();
+            for container in containers {
+                let args: Vec<String> =
+                    container["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap().to_owned()).collect();
+                let parsed = Args::try_parse_from(std::iter::once("plinth".to_owned()).chain(args.clone()));
+                assert!(parsed.is_ok(), "{file}: {args:?}: {}", parsed.unwrap_err());
+            }
+        }
+    }
 }

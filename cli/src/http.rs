@@ -12,10 +12,14 @@ use axum::routing::get;
 use plinth_controller::metrics::METRICS;
 use plinth_engine::Engine;
 
+/// What `/readyz` asks: `Err(reason)` means not ready.
+pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 #[derive(Clone)]
 struct Shared {
-    engine: Arc<Engine>,
-    node_duty: bool,
+    /// Pool figures for /metrics, where this process owns a pool.
+    engine: Option<Arc<Engine>>,
+    ready: ReadyCheck,
 }
 
 async fn healthz() -> &'static str {
@@ -23,17 +27,23 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(shared): State<Shared>) -> impl IntoResponse {
-    let engine = Arc::clone(&shared.engine);
-    match tokio::task::spawn_blocking(move || engine.probe(shared.node_duty)).await {
+    match tokio::task::spawn_blocking(move || (shared.ready)()).await {
         Ok(Ok(())) => (StatusCode::OK, "ok".to_owned()),
-        Ok(Err(err)) => (StatusCode::SERVICE_UNAVAILABLE, err.chain()),
+        Ok(Err(reason)) => (StatusCode::SERVICE_UNAVAILABLE, reason),
         Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err.to_string()),
     }
 }
 
+/// Ready when the engine's pool (and, for node duty, loop devices) can be used.
+pub fn engine_ready(engine: Arc<Engine>, node_duty: bool) -> ReadyCheck {
+    Arc::new(move || engine.probe(node_duty).map_err(|e| e.chain()))
+}
+
 async fn metrics(State(shared): State<Shared>) -> impl IntoResponse {
-    let engine = Arc::clone(&shared.engine);
     // Pool figures are read at scrape time: always current, no background poller.
+    let Some(engine) = shared.engine.clone() else {
+        return ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], METRICS.encode());
+    };
     let _ = tokio::task::spawn_blocking(move || -> plinth_engine::Result<()> {
         let records = engine.volumes()?;
         let capacity = engine.capacity(None)?;
@@ -58,15 +68,15 @@ pub async fn bind(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener
 
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    engine: Arc<Engine>,
-    node_duty: bool,
+    engine: Option<Arc<Engine>>,
+    ready: ReadyCheck,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(Shared { engine, node_duty });
+        .with_state(Shared { engine, ready });
     tracing::info!(address = %listener.local_addr()?, "serving /healthz, /readyz and /metrics");
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
     Ok(())

@@ -92,9 +92,13 @@ async fn shutdown_signal() {
 }
 
 pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> anyhow::Result<()> {
+    let kube = crate::cluster::client(&opts).await.context("connecting to Kubernetes")?;
+    if let (Mode::Controller, Some(client)) = (mode, &kube) {
+        return serve_cluster_controller(client.clone(), &opts).await;
+    }
     let endpoint = endpoint.unwrap_or_else(|| format!("unix://{}/{SOCKET_NAME}", opts.data_dir.display()));
     let socket = socket_path(&endpoint)?;
-    let node_id = match opts.node_id {
+    let node_id = match opts.node_id.clone() {
         Some(id) if !id.is_empty() => id,
         _ => hostname()?,
     };
@@ -133,6 +137,10 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
         }
     }
 
+    if let (true, Some(client)) = (mode.node(), kube) {
+        crate::cluster::spawn_node_agent(client, Arc::clone(&engine), &opts);
+    }
+
     let mut manifest = HashMap::from([(MANIFEST_POOL.to_owned(), engine.pool_dir().display().to_string())]);
     if mode == Mode::Standalone {
         manifest.insert(MANIFEST_STAGING_ROOT.to_owned(), staging_root.display().to_string());
@@ -157,8 +165,8 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
     let http = match opts.http_address {
         Some(address) => {
             let listener = crate::http::bind(address).await?;
-            let engine = Arc::clone(&engine);
-            Some(tokio::spawn(crate::http::serve(listener, engine, mode.node(), async {
+            let ready = crate::http::engine_ready(Arc::clone(&engine), mode.node());
+            Some(tokio::spawn(crate::http::serve(listener, Some(Arc::clone(&engine)), ready, async {
                 let _ = http_stopped.await;
             })))
         }
@@ -187,6 +195,28 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
     result.context("serving CSI")?;
     tracing::info!("plinth stopped");
     Ok(())
+}
+
+/// Cluster-mode controller: no pool, no CSI socket; the kube-rs controller plus probes.
+async fn serve_cluster_controller(client: kube::Client, opts: &ServerOpts) -> anyhow::Result<()> {
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let http = match opts.http_address {
+        Some(address) => {
+            let listener = crate::http::bind(address).await?;
+            let ready: crate::http::ReadyCheck = Arc::new(|| Ok(()));
+            Some(tokio::spawn(crate::http::serve(listener, None, ready, async {
+                let _ = http_stopped.await;
+            })))
+        }
+        None => None,
+    };
+    tracing::info!(namespace = %opts.namespace, leader_elect = opts.leader_elect, "plinth cluster controller starting");
+    let result = crate::cluster::run_controller(client, opts, shutdown_signal()).await;
+    let _ = stop_http.send(());
+    if let Some(http) = http {
+        http.await?.context("serving HTTP")?;
+    }
+    result
 }
 
 #[cfg(test)]

@@ -109,6 +109,11 @@ impl Engine {
         self.paths.roots()
     }
 
+    /// Bytes the volume's image occupies in the pool.
+    pub fn allocated_bytes(&self, id: &VolumeId) -> u64 {
+        self.pool.allocated_bytes(id)
+    }
+
     /// Every volume record on this node.
     pub fn volumes(&self) -> Result<Vec<model::VolumeRecord>> {
         self.store.list()

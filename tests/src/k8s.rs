@@ -169,6 +169,8 @@ impl ControlPlane {
                 .arg(format!("--etcd-servers={etcd_url}"))
                 .arg("--bind-address=127.0.0.1")
                 .arg("--advertise-address=127.0.0.1")
+                // The kubernetes Service endpoint cannot point at loopback; nothing here needs it.
+                .arg("--endpoint-reconciler-type=none")
                 .arg(format!("--secure-port={api_port}"))
                 .arg(format!("--tls-cert-file={}", pki.serving_cert.display()))
                 .arg(format!("--tls-private-key-file={}", pki.serving_key.display()))
@@ -189,7 +191,7 @@ impl ControlPlane {
                 "kube-controller-manager",
                 Command::new(&binaries.controller_manager)
                     .arg(format!("--kubeconfig={kubeconfig}"))
-                    .arg("--controllers=persistentvolume-binder-controller,persistentvolume-expander-controller")
+                    .arg("--controllers=persistentvolume-binder-controller,persistentvolume-expander-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller")
                     .arg("--leader-elect=false")
                     .arg("--bind-address=127.0.0.1")
                     .arg(format!("--secure-port={}", free_port()))
@@ -239,6 +241,21 @@ impl ControlPlane {
             key = pki.admin_key.display(),
         );
         std::fs::write(&self.kubeconfig, text).expect("write kubeconfig");
+    }
+
+    /// A kubeconfig that acts as a service account (impersonation), so a plinth process under
+    /// test has exactly the RBAC deploy/ grants it.
+    pub fn kubeconfig_as_service_account(&self, namespace: &str, name: &str) -> PathBuf {
+        let text = std::fs::read_to_string(&self.kubeconfig).expect("admin kubeconfig");
+        let impersonating = text.replace(
+            "    client-key:",
+            &format!(
+                "    as: system:serviceaccount:{namespace}:{name}\n    as-groups:\n    - system:serviceaccounts\n                     - system:serviceaccounts:{namespace}\n    - system:authenticated\n    client-key:"
+            ),
+        );
+        let path = self.dir.path().join(format!("{name}.kubeconfig"));
+        std::fs::write(&path, impersonating).expect("write kubeconfig");
+        path
     }
 
     /// A log's last lines, for failure messages.

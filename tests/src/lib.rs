@@ -153,26 +153,33 @@ impl Plinth {
 
     /// `mode` is `standalone`, `node` or `controller`.
     pub fn start_mode(sandbox: &Sandbox, mode: &str, data_dir: &Path, extra: &[&str]) -> Self {
-        let log = sandbox.path().join("plinth.log");
+        Self::start_at(&sandbox.socket(), &sandbox.root(), mode, data_dir, extra, true)
+    }
+
+    /// Full control: socket, allowed root, mode, data dir; `wait` for the CSI socket (a cluster
+    /// controller serves none).
+    pub fn start_at(socket: &Path, root: &Path, mode: &str, data_dir: &Path, extra: &[&str], wait: bool) -> Self {
+        let log = data_dir.with_extension("log");
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let child = Command::new(plinth_bin())
             .arg("--endpoint")
-            .arg(sandbox.endpoint())
+            .arg(format!("unix://{}", socket.display()))
             .arg(mode)
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--allowed-root")
-            .arg(sandbox.root())
-            .arg("--node-id")
-            .arg("test-node")
+            .arg(root)
+            .args(if extra.contains(&"--node-id") { &[][..] } else { &["--node-id", "test-node"][..] })
             .args(extra)
             .env("PLINTH_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
             .expect("spawn plinth");
-        let plinth = Self { child: Some(child), socket: sandbox.socket(), log };
-        plinth.wait_ready();
+        let plinth = Self { child: Some(child), socket: socket.to_owned(), log };
+        if wait {
+            plinth.wait_ready();
+        }
         plinth
     }
 

@@ -1,0 +1,84 @@
+//! Cluster mode wiring: the Kubernetes client, the leader-elected controller, the node agent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use plinth_cluster::agent::Agent;
+use plinth_cluster::capacity::Publisher;
+use plinth_cluster::leader::LeaderElection;
+use plinth_cluster::provisioner;
+use plinth_engine::Engine;
+
+use crate::cli::ServerOpts;
+
+const LEASE_NAME: &str = "plinth-controller";
+
+/// The Kubernetes client, if this process has cluster access (`--kubeconfig` or in a pod).
+pub async fn client(opts: &ServerOpts) -> anyhow::Result<Option<kube::Client>> {
+    let config = match &opts.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?
+        }
+        None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => kube::Config::incluster()?,
+        None => return Ok(None),
+    };
+    Ok(Some(kube::Client::try_from(config)?))
+}
+
+fn identity(opts: &ServerOpts) -> String {
+    opts.identity.clone().filter(|i| !i.is_empty()).unwrap_or_else(|| {
+        let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+        format!("{host}-{}", std::process::id())
+    })
+}
+
+/// The cluster controller: waits for leadership (when asked to), then reconciles until
+/// shutdown. Losing the lease ends the process, so a replica never acts as a stale leader.
+pub async fn run_controller(
+    client: kube::Client,
+    opts: &ServerOpts,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let identity = identity(opts);
+    let election = opts.leader_elect.then(|| {
+        let duration = Duration::from_secs(opts.lease_duration_seconds.max(2));
+        LeaderElection::new(client.clone(), &opts.namespace, LEASE_NAME, &identity, duration)
+    });
+    tokio::pin!(shutdown);
+    if let Some(election) = &election {
+        tracing::info!(%identity, "waiting for leadership");
+        tokio::select! {
+            () = election.acquire() => {}
+            () = &mut shutdown => return Ok(()),
+        }
+    }
+    let context = Arc::new(provisioner::Context::new(client, &identity));
+    let lost = async {
+        match &election {
+            Some(election) => election.hold().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = provisioner::run(context) => Ok(()),
+        () = lost => anyhow::bail!("lost the leader lease; exiting so a fresh replica takes over"),
+        () = &mut shutdown => {
+            if let Some(election) = &election {
+                election.release().await;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Starts the node agent and the capacity publisher in the background.
+pub fn spawn_node_agent(client: kube::Client, engine: Arc<Engine>, opts: &ServerOpts) {
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let agent = Arc::new(Agent { client: client.clone(), engine: Arc::clone(&engine), changed: Arc::clone(&changed) });
+    tokio::spawn(plinth_cluster::agent::run(agent));
+    let publisher = Publisher { client, engine, namespace: opts.namespace.clone(), changed };
+    tokio::spawn(publisher.run());
+}

@@ -1,0 +1,38 @@
+//! Cluster mode. The controller turns claims of plinth's StorageClasses into `Volume` objects and
+//! PersistentVolumes bound to those claims; each node's agent makes the images its node holds and
+//! publishes the node's free capacity. See ARCHITECTURE.md.
+
+pub mod agent;
+pub mod capacity;
+pub mod crd;
+pub mod leader;
+pub mod provisioner;
+
+/// Errors of the reconcilers: retried with backoff by the controller runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Engine(#[from] plinth_engine::Error),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("worker: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Labels, annotations and finalizers plinth puts on objects.
+pub mod keys {
+    /// On a Volume: the node whose pool holds it (for the agent's label selector).
+    pub const NODE_LABEL: &str = "plinth.csi.dev/node";
+    /// Finalizer on a Volume: the agent removes it once the image is gone.
+    pub const IMAGE_FINALIZER: &str = "plinth.csi.dev/image";
+    /// Annotation on PVs plinth provisioned (the convention external-provisioner uses too).
+    pub const PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
+    /// Set on a claim by the scheduler for WaitForFirstConsumer classes.
+    pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
+    /// On CSIStorageCapacity objects: the StorageClass they describe.
+    pub const STORAGE_CLASS_LABEL: &str = "plinth.csi.dev/storageclass";
+}
