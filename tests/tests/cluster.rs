@@ -452,3 +452,46 @@ async fn cluster_mode_provisions_binds_reclaims_expands_and_fails_over() {
     assert_eq!(pv_count, claim_count + 1, "one PV per claim, plus the retained one");
     assert_eq!(volume_count, pv_count, "one Volume per PV, never a duplicate");
 }
+
+/// Benchmark, not a timed test: 100 claims created at once, time until each is Bound.
+/// Run with `tests/bench-cluster.sh` (cargo test … -- --ignored --nocapture).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "benchmark: run with tests/bench-cluster.sh"]
+async fn bench_bind_100_claims() {
+    let Some(cluster) = setup().await else { return };
+    let client = cluster.client.clone();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    const COUNT: usize = 100;
+    let started = Instant::now();
+    for i in 0..COUNT {
+        claims
+            .create(&PostParams::default(), &claim(&format!("bench-{i}"), "plinth-immediate", 8 * MI, None, false))
+            .await
+            .unwrap();
+    }
+    let created = started.elapsed();
+    let mut bound_at: BTreeMap<String, Duration> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while bound_at.len() < COUNT {
+        assert!(Instant::now() < deadline, "only {} of {COUNT} claims bound after 10 minutes", bound_at.len());
+        for pvc in claims.list(&ListParams::default()).await.unwrap().items {
+            if pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound") {
+                bound_at.entry(pvc.name_any()).or_insert_with(|| started.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut times: Vec<Duration> = bound_at.values().copied().collect();
+    times.sort();
+    let pick = |q: f64| times[((times.len() as f64 * q).ceil() as usize).saturating_sub(1).min(times.len() - 1)];
+    println!("\nplinth cluster bench: {COUNT} claims (Immediate, 8 MiB, 3 nodes, 2 controllers)");
+    println!("  created all claims in   {:>8.2} s", created.as_secs_f64());
+    println!("  time to Bound  p50      {:>8.2} s", pick(0.50).as_secs_f64());
+    println!("  time to Bound  p95      {:>8.2} s", pick(0.95).as_secs_f64());
+    println!("  time to Bound  max      {:>8.2} s", times.last().unwrap().as_secs_f64());
+    println!("  all {COUNT} Bound after  {:>8.2} s", times.last().unwrap().as_secs_f64());
+    println!(
+        "  reference: OpenEBS hostpath LocalPV bound 100 claims in 95 s (openebs/openebs#4050): ratio {:.1}x",
+        95.0 / times.last().unwrap().as_secs_f64()
+    );
+}
