@@ -94,7 +94,7 @@ async fn shutdown_signal() {
 pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> anyhow::Result<()> {
     let kube = crate::cluster::client(&opts).await.context("connecting to Kubernetes")?;
     if let (Mode::Controller, Some(client)) = (mode, &kube) {
-        return serve_cluster_controller(client.clone(), &opts).await;
+        return serve_cluster_controller(client.clone(), &opts, endpoint).await;
     }
     let endpoint = endpoint.unwrap_or_else(|| format!("unix://{}/{SOCKET_NAME}", opts.data_dir.display()));
     let socket = socket_path(&endpoint)?;
@@ -145,7 +145,7 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
     if mode == Mode::Standalone {
         manifest.insert(MANIFEST_STAGING_ROOT.to_owned(), staging_root.display().to_string());
     }
-    let identity = IdentityService::new(Arc::clone(&engine), mode.controller(), mode.node(), manifest);
+    let identity = IdentityService::new(Some(Arc::clone(&engine)), mode.controller(), mode.node(), manifest);
     let controller = mode.controller().then(|| ControllerServer::new(ControllerService::new(Arc::clone(&engine))));
     let group = mode.controller().then(|| GroupControllerServer::new(GroupControllerService::new(Arc::clone(&engine))));
     let node = mode.node().then(|| NodeServer::new(NodeService::new(Arc::clone(&engine), opts.max_volumes_per_node)));
@@ -197,8 +197,35 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
     Ok(())
 }
 
-/// Cluster-mode controller: no pool, no CSI socket; the kube-rs controller plus probes.
-async fn serve_cluster_controller(client: kube::Client, opts: &ServerOpts) -> anyhow::Result<()> {
+/// Cluster-mode controller: no pool; the kube-rs controller plus probes, and — when `--endpoint`
+/// is given — a CSI Controller socket for the standard external-provisioner/resizer sidecars.
+async fn serve_cluster_controller(
+    client: kube::Client,
+    opts: &ServerOpts,
+    endpoint: Option<String>,
+) -> anyhow::Result<()> {
+    let (stop_csi, csi_stopped) = tokio::sync::oneshot::channel::<()>();
+    let csi = match endpoint {
+        Some(endpoint) => {
+            let socket = socket_path(&endpoint)?;
+            let listener = bind_socket(&socket)?;
+            let identity = IdentityService::new(None, true, false, HashMap::new());
+            let controller = plinth_cluster::csi_controller::ClusterController::new(client.clone());
+            tracing::info!(%endpoint, "serving the CSI Controller for sidecars");
+            Some(tokio::spawn(async move {
+                let served = tonic::transport::Server::builder()
+                    .add_service(IdentityServer::new(identity))
+                    .add_service(ControllerServer::new(controller))
+                    .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+                        let _ = csi_stopped.await;
+                    })
+                    .await;
+                let _ = std::fs::remove_file(&socket);
+                served
+            }))
+        }
+        None => None,
+    };
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http = match opts.http_address {
         Some(address) => {
@@ -213,6 +240,10 @@ async fn serve_cluster_controller(client: kube::Client, opts: &ServerOpts) -> an
     tracing::info!(namespace = %opts.namespace, leader_elect = opts.leader_elect, "plinth cluster controller starting");
     let result = crate::cluster::run_controller(client, opts, shutdown_signal()).await;
     let _ = stop_http.send(());
+    let _ = stop_csi.send(());
+    if let Some(csi) = csi {
+        csi.await?.context("serving CSI")?;
+    }
     if let Some(http) = http {
         http.await?.context("serving HTTP")?;
     }

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod capacity;
 pub mod crd;
+pub mod csi_controller;
 pub mod leader;
 pub mod provisioner;
 

@@ -317,6 +317,31 @@ async fn reconcile_claim_inner(claim: &PersistentVolumeClaim, ctx: &Context) -> 
     }
 }
 
+/// Creates the `Volume` named `name` (label, finalizer) unless it exists; returns it and whether
+/// this call created it. Shared by the claim reconciler and the CSI Controller service.
+pub async fn ensure_volume(client: &kube::Client, name: &str, spec: VolumeSpec) -> Result<(Volume, bool)> {
+    let volumes: Api<Volume> = Api::all(client.clone());
+    if let Some(existing) = volumes.get_opt(name).await? {
+        return Ok((existing, false));
+    }
+    let node = spec.node.clone();
+    let mut volume = Volume::new(name, spec);
+    volume.metadata.labels = Some(BTreeMap::from([(NODE_LABEL.to_owned(), node)]));
+    volume.metadata.finalizers = Some(vec![IMAGE_FINALIZER.to_owned()]);
+    match volumes.create(&PostParams::default(), &volume).await {
+        Ok(created) => Ok((created, true)),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok((volumes.get(name).await?, false)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Asks for a `Volume` of at least `bytes` (the agent grows the image). Shared like the above.
+pub async fn request_growth(client: &kube::Client, name: &str, bytes: i64) -> Result<()> {
+    let patch = json!({ "spec": { "sizeBytes": bytes } });
+    Api::<Volume>::all(client.clone()).patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
 /// Claim grew: Volume first (the agent grows the image), then the PV, then the claim is flagged
 /// for kubelet's NodeExpandVolume.
 async fn expand(claim: &PersistentVolumeClaim, class: &StorageClass, pv_name: &str, ctx: &Context) -> Result<Action> {
@@ -350,8 +375,7 @@ async fn expand(claim: &PersistentVolumeClaim, class: &StorageClass, pv_name: &s
     let volumes: Api<Volume> = Api::all(ctx.client.clone());
     let Some(volume) = volumes.get_opt(pv_name).await? else { return Ok(Action::await_change()) };
     if volume.spec.size_bytes < requested {
-        let patch = json!({ "spec": { "sizeBytes": requested } });
-        volumes.patch(pv_name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        request_growth(&ctx.client, pv_name, requested).await?;
         ctx.event(claim, EventType::Normal, "Resizing", format!("growing volume {pv_name} to {requested} bytes")).await;
         return Ok(Action::requeue(Duration::from_secs(1)));
     }

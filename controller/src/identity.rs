@@ -17,7 +17,8 @@ pub const MANIFEST_STAGING_ROOT: &str = "plinth.csi.dev/staging-root";
 pub const MANIFEST_POOL: &str = "plinth.csi.dev/pool";
 
 pub struct IdentityService {
-    engine: Arc<Engine>,
+    /// The local pool to probe; `None` for the cluster controller, which owns no pool.
+    engine: Option<Arc<Engine>>,
     serves_controller: bool,
     serves_node: bool,
     manifest: HashMap<String, String>,
@@ -25,7 +26,7 @@ pub struct IdentityService {
 
 impl IdentityService {
     pub fn new(
-        engine: Arc<Engine>,
+        engine: Option<Arc<Engine>>,
         serves_controller: bool,
         serves_node: bool,
         manifest: HashMap<String, String>,
@@ -72,7 +73,9 @@ impl Identity for IdentityService {
     }
 
     async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
-        let engine = Arc::clone(&self.engine);
+        let Some(engine) = self.engine.clone() else {
+            return Ok(Response::new(ProbeResponse { ready: Some(true) }));
+        };
         let node = self.serves_node;
         crate::rpc::run("Probe", "", move || engine.probe(node)).await?;
         Ok(Response::new(ProbeResponse { ready: Some(true) }))

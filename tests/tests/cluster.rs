@@ -495,3 +495,57 @@ async fn bench_bind_100_claims() {
         95.0 / times.last().unwrap().as_secs_f64()
     );
 }
+
+/// The standard external-provisioner/resizer sidecars talk CSI to the controller; the same
+/// `Volume` objects and node agents do the work.
+#[tokio::test(flavor = "multi_thread")]
+async fn csi_controller_for_sidecars_shares_the_cluster_implementation() {
+    let Some(cluster) = setup().await else { return };
+    let socket = cluster.sandbox.path().join("controller-0.sock");
+    wait_for("controller CSI socket", Duration::from_secs(30), || async { socket.exists().then_some(()) }).await;
+    let mut csi_client = Clients::connect(&socket).await;
+    let topology = |node: &str| csi::TopologyRequirement {
+        requisite: vec![csi::Topology {
+            segments: [(plinth_proto::TOPOLOGY_NODE_KEY.to_owned(), node.to_owned())].into(),
+        }],
+        preferred: vec![],
+    };
+    let mut request = create_request("pvc-from-sidecar", 32 * MI, mount_cap("ext4"));
+    request.accessibility_requirements = Some(topology("node-b"));
+    let volume =
+        csi_client.controller.create_volume(request.clone()).await.expect("CreateVolume").into_inner().volume.unwrap();
+    assert!(volume.volume_id.starts_with("vol-"), "{volume:?}");
+    assert_eq!(volume.accessible_topology[0].segments[plinth_proto::TOPOLOGY_NODE_KEY], "node-b");
+    assert!(image(&cluster, "node-b", &volume.volume_id).exists(), "the node agent made the image");
+    let again = csi_client.controller.create_volume(request).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!(again.volume_id, volume.volume_id, "idempotent by name");
+
+    let expanded = csi_client
+        .controller
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            capacity_range: Some(csi::CapacityRange { required_bytes: 64 * MI, limit_bytes: 0 }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(expanded.capacity_bytes, 64 * MI);
+    assert_eq!(std::fs::metadata(image(&cluster, "node-b", &volume.volume_id)).unwrap().len(), (64 * MI) as u64);
+
+    let no_topology = create_request("pvc-nowhere", 32 * MI, mount_cap("ext4"));
+    let err = csi_client.controller.create_volume(no_topology).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    csi_client
+        .controller
+        .delete_volume(csi::DeleteVolumeRequest { volume_id: volume.volume_id.clone(), ..Default::default() })
+        .await
+        .expect("DeleteVolume");
+    assert!(!image(&cluster, "node-b", &volume.volume_id).exists(), "the image is gone");
+    csi_client
+        .controller
+        .delete_volume(csi::DeleteVolumeRequest { volume_id: volume.volume_id, ..Default::default() })
+        .await
+        .expect("DeleteVolume is idempotent");
+}
