@@ -76,6 +76,51 @@ pub fn bind_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     Ok(tokio::net::UnixListener::from_std(listener)?)
 }
 
+/// A server running beside the main one (HTTP probes, kubelet registration, sidecar CSI),
+/// stopped when the main one stops.
+struct Beside {
+    name: &'static str,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+type Stopped = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+impl Beside {
+    fn spawn<Fut>(name: &'static str, run: impl FnOnce(Stopped) -> Fut) -> Self
+    where
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run(Box::pin(async {
+            let _ = stopped.await;
+        })));
+        Self { name, stop, task }
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await?.with_context(|| format!("serving {}", self.name))
+    }
+}
+
+async fn stop_all(servers: Vec<Beside>) -> anyhow::Result<()> {
+    for server in servers {
+        server.stop().await?;
+    }
+    Ok(())
+}
+
+async fn spawn_http(
+    address: Option<std::net::SocketAddr>,
+    engine: Option<Arc<Engine>>,
+    ready: crate::http::ReadyCheck,
+) -> anyhow::Result<Option<Beside>> {
+    let Some(address) = address else { return Ok(None) };
+    let listener = crate::http::bind(address).await?;
+    Ok(Some(Beside::spawn("HTTP", move |stopped| crate::http::serve(listener, engine, ready, stopped))))
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = match signal(SignalKind::terminate()) {
@@ -151,27 +196,15 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
     let node = mode.node().then(|| NodeServer::new(NodeService::new(Arc::clone(&engine), opts.max_volumes_per_node)));
 
     let listener = bind_socket(&socket)?;
-    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let (stop_registration, registration_stopped) = tokio::sync::oneshot::channel::<()>();
-    let registration = match (&opts.kubelet_dir, mode.node()) {
-        (Some(kubelet_dir), true) => {
-            let (dir, endpoint) = (kubelet_dir.clone(), socket.clone());
-            Some(tokio::spawn(crate::registration::serve(dir, endpoint, async {
-                let _ = registration_stopped.await;
-            })))
-        }
-        _ => None,
-    };
-    let http = match opts.http_address {
-        Some(address) => {
-            let listener = crate::http::bind(address).await?;
-            let ready = crate::http::engine_ready(Arc::clone(&engine), mode.node());
-            Some(tokio::spawn(crate::http::serve(listener, Some(Arc::clone(&engine)), ready, async {
-                let _ = http_stopped.await;
-            })))
-        }
-        None => None,
-    };
+    let mut beside: Vec<Beside> = Vec::new();
+    if let (Some(kubelet_dir), true) = (&opts.kubelet_dir, mode.node()) {
+        let (dir, endpoint) = (kubelet_dir.clone(), socket.clone());
+        beside.push(Beside::spawn("kubelet registration", move |stopped| {
+            crate::registration::serve(dir, endpoint, stopped)
+        }));
+    }
+    let ready = crate::http::engine_ready(Arc::clone(&engine), mode.node());
+    beside.extend(spawn_http(opts.http_address, Some(Arc::clone(&engine)), ready).await?);
     tracing::info!(
         endpoint = %endpoint, node_id = %node_id, mode = ?mode, data_dir = %opts.data_dir.display(),
         allowed_roots = ?engine.allowed_roots(), "plinth serving"
@@ -184,14 +217,7 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
         .await;
     let _ = std::fs::remove_file(&socket);
-    let _ = stop_http.send(());
-    let _ = stop_registration.send(());
-    if let Some(registration) = registration {
-        registration.await?.context("serving kubelet registration")?;
-    }
-    if let Some(http) = http {
-        http.await?.context("serving HTTP")?;
-    }
+    stop_all(beside).await?;
     result.context("serving CSI")?;
     tracing::info!("plinth stopped");
     Ok(())
@@ -204,49 +230,28 @@ async fn serve_cluster_controller(
     opts: &ServerOpts,
     endpoint: Option<String>,
 ) -> anyhow::Result<()> {
-    let (stop_csi, csi_stopped) = tokio::sync::oneshot::channel::<()>();
-    let csi = match endpoint {
-        Some(endpoint) => {
-            let socket = socket_path(&endpoint)?;
-            let listener = bind_socket(&socket)?;
-            let identity = IdentityService::new(None, true, false, HashMap::new());
-            let controller = plinth_cluster::csi_controller::ClusterController::new(client.clone());
-            tracing::info!(%endpoint, "serving the CSI Controller for sidecars");
-            Some(tokio::spawn(async move {
-                let served = tonic::transport::Server::builder()
-                    .add_service(IdentityServer::new(identity))
-                    .add_service(ControllerServer::new(controller))
-                    .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
-                        let _ = csi_stopped.await;
-                    })
-                    .await;
-                let _ = std::fs::remove_file(&socket);
-                served
-            }))
-        }
-        None => None,
-    };
-    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let http = match opts.http_address {
-        Some(address) => {
-            let listener = crate::http::bind(address).await?;
-            let ready: crate::http::ReadyCheck = Arc::new(|| Ok(()));
-            Some(tokio::spawn(crate::http::serve(listener, None, ready, async {
-                let _ = http_stopped.await;
-            })))
-        }
-        None => None,
-    };
+    let mut beside: Vec<Beside> = Vec::new();
+    if let Some(endpoint) = endpoint {
+        let socket = socket_path(&endpoint)?;
+        let listener = bind_socket(&socket)?;
+        let identity = IdentityService::new(None, true, false, HashMap::new());
+        let controller = plinth_cluster::csi_controller::ClusterController::new(client.clone());
+        tracing::info!(%endpoint, "serving the CSI Controller for sidecars");
+        beside.push(Beside::spawn("CSI", move |stopped| async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(IdentityServer::new(identity))
+                .add_service(ControllerServer::new(controller))
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped)
+                .await;
+            let _ = std::fs::remove_file(&socket);
+            Ok(served?)
+        }));
+    }
+    // The cluster controller's readiness is its process being up; leadership is separate.
+    beside.extend(spawn_http(opts.http_address, None, Arc::new(|| Ok(()))).await?);
     tracing::info!(namespace = %opts.namespace, leader_elect = opts.leader_elect, "plinth cluster controller starting");
     let result = crate::cluster::run_controller(client, opts, shutdown_signal()).await;
-    let _ = stop_http.send(());
-    let _ = stop_csi.send(());
-    if let Some(csi) = csi {
-        csi.await?.context("serving CSI")?;
-    }
-    if let Some(http) = http {
-        http.await?.context("serving HTTP")?;
-    }
+    stop_all(beside).await?;
     result
 }
 

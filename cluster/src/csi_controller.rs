@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams};
+use plinth_controller::controller::validation_response;
 use plinth_engine::caps::{AccessType, Capability};
 use plinth_engine::model::{FsType, VolumeParameters};
 use plinth_engine::size::{GIB, MIB, resolve_capacity};
@@ -223,18 +224,7 @@ impl Controller for ClusterController {
             }
             Ok(())
         });
-        Ok(Response::new(match verdict {
-            Ok(()) => csi::ValidateVolumeCapabilitiesResponse {
-                confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
-                    volume_context: req.volume_context,
-                    volume_capabilities: req.volume_capabilities,
-                    parameters: req.parameters,
-                    mutable_parameters: req.mutable_parameters,
-                }),
-                message: String::new(),
-            },
-            Err(e) => csi::ValidateVolumeCapabilitiesResponse { confirmed: None, message: e.to_string() },
-        }))
+        Ok(Response::new(validation_response(req, verdict)))
     }
 
     async fn controller_get_capabilities(

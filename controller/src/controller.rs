@@ -86,6 +86,25 @@ fn named_nodes(topologies: &[csi::Topology]) -> Option<Vec<String>> {
     (!topologies.is_empty()).then_some(nodes)
 }
 
+/// ValidateVolumeCapabilities' answer: the request echoed as confirmed, or why not.
+pub fn validation_response(
+    req: csi::ValidateVolumeCapabilitiesRequest,
+    verdict: plinth_engine::Result<()>,
+) -> csi::ValidateVolumeCapabilitiesResponse {
+    match verdict {
+        Ok(()) => csi::ValidateVolumeCapabilitiesResponse {
+            confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
+                volume_context: req.volume_context,
+                volume_capabilities: req.volume_capabilities,
+                parameters: req.parameters,
+                mutable_parameters: req.mutable_parameters,
+            }),
+            message: String::new(),
+        },
+        Err(err) => csi::ValidateVolumeCapabilitiesResponse { confirmed: None, message: err.to_string() },
+    }
+}
+
 fn rpc_capability(t: controller_service_capability::rpc::Type) -> csi::ControllerServiceCapability {
     csi::ControllerServiceCapability {
         r#type: Some(controller_service_capability::Type::Rpc(controller_service_capability::Rpc { r#type: t as i32 })),
@@ -186,19 +205,7 @@ impl Controller for ControllerService {
             }
             Ok(())
         })();
-        let response = match verdict {
-            Ok(()) => csi::ValidateVolumeCapabilitiesResponse {
-                confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
-                    volume_context: req.volume_context,
-                    volume_capabilities: req.volume_capabilities,
-                    parameters: req.parameters,
-                    mutable_parameters: req.mutable_parameters,
-                }),
-                message: String::new(),
-            },
-            Err(err) => csi::ValidateVolumeCapabilitiesResponse { confirmed: None, message: err.to_string() },
-        };
-        Ok(Response::new(response))
+        Ok(Response::new(validation_response(req, verdict)))
     }
 
     async fn list_volumes(

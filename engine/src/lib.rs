@@ -9,6 +9,7 @@ pub mod mkfsopts;
 pub mod model;
 pub mod mountopts;
 pub mod node;
+pub mod page;
 pub mod paths;
 pub mod pool;
 pub mod size;

@@ -136,29 +136,14 @@ impl Engine {
         snapshot_id: &str,
         source_volume_id: &str,
     ) -> Result<(Vec<SnapshotRecord>, String)> {
-        if max_entries < 0 {
-            return Err(Error::InvalidArgument(format!("max_entries must not be negative, got {max_entries}")));
-        }
-        let after = match starting_token {
-            "" => None,
-            token => Some(SnapshotId::parse(token).ok_or_else(|| {
-                Error::Aborted(format!("starting_token {token:?} was not issued by this plugin; restart the listing"))
-            })?),
-        };
-        let mut page: Vec<SnapshotRecord> = self
+        let matching: Vec<SnapshotRecord> = self
             .snapshots
             .list()?
             .into_iter()
             .filter(|s| snapshot_id.is_empty() || s.id.as_str() == snapshot_id)
             .filter(|s| source_volume_id.is_empty() || s.source_volume_id.as_str() == source_volume_id)
-            .filter(|s| after.as_ref().is_none_or(|a| &s.id > a))
             .collect();
-        let mut next = String::new();
-        if max_entries > 0 && page.len() > max_entries as usize {
-            page.truncate(max_entries as usize);
-            next = page.last().map(|s| s.id.to_string()).unwrap_or_default();
-        }
-        Ok((page, next))
+        crate::page::page(matching, |s: &SnapshotRecord| &s.id, starting_token, max_entries)
     }
 
     /// Freezes every mounted member, snapshots them all, then thaws: one crash-consistent group.

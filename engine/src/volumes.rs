@@ -394,24 +394,7 @@ impl Engine {
     /// One page of volumes in ID order, starting after `starting_token` (the last ID of the
     /// previous page, so deletions between pages never skip or repeat entries).
     pub fn list_volumes(&self, starting_token: &str, max_entries: i32) -> Result<(Vec<VolumeRecord>, String)> {
-        if max_entries < 0 {
-            return Err(Error::InvalidArgument(format!("max_entries must not be negative, got {max_entries}")));
-        }
-        let after = match starting_token {
-            "" => None,
-            token => Some(VolumeId::parse(token).ok_or_else(|| {
-                Error::Aborted(format!("starting_token {token:?} was not issued by this plugin; restart the listing"))
-            })?),
-        };
-        let records = self.store.list()?;
-        let mut page: Vec<VolumeRecord> =
-            records.into_iter().filter(|r| after.as_ref().is_none_or(|a| &r.id > a)).collect();
-        let mut next = String::new();
-        if max_entries > 0 && page.len() > max_entries as usize {
-            page.truncate(max_entries as usize);
-            next = page.last().map(|r| r.id.to_string()).unwrap_or_default();
-        }
-        Ok((page, next))
+        crate::page::page(self.store.list()?, |r: &VolumeRecord| &r.id, starting_token, max_entries)
     }
 
     /// Capacity of this node's pool. `for_node` is the node a topology segment names, if any.

@@ -438,14 +438,7 @@ async fn cluster_mode_provisions_binds_reclaims_expands_and_fails_over() {
         .await
         .unwrap();
     wait_for("claim bound after restarts", Duration::from_secs(60), || bound_volume(&client, "after-restart")).await;
-    let volumes = kube::api::ApiResource {
-        group: "plinth.csi.dev".into(),
-        version: "v1alpha1".into(),
-        api_version: "plinth.csi.dev/v1alpha1".into(),
-        kind: "Volume".into(),
-        plural: "volumes".into(),
-    };
-    let all_volumes: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &volumes);
+    let all_volumes: Api<plinth_cluster::crd::Volume> = Api::all(client.clone());
     let volume_count = all_volumes.list(&ListParams::default()).await.unwrap().items.len();
     let pv_count = pvs.list(&ListParams::default()).await.unwrap().items.len();
     let claim_count = claims.list(&ListParams::default()).await.unwrap().items.len();

@@ -165,14 +165,7 @@ async fn deploy_manifests_apply_and_rbac_is_least_privilege() {
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(node.clone());
     let denied = nodes.delete("some-node", &Default::default()).await.unwrap_err();
     assert!(matches!(denied, kube::Error::Api(ref e) if e.code == 403), "{denied:?}");
-    let volumes = kube::api::ApiResource {
-        group: "plinth.csi.dev".into(),
-        version: "v1alpha1".into(),
-        api_version: "plinth.csi.dev/v1alpha1".into(),
-        kind: "Volume".into(),
-        plural: "volumes".into(),
-    };
-    let as_node: Api<kube::api::DynamicObject> = Api::all_with(node, &volumes);
+    let as_node: Api<plinth_cluster::crd::Volume> = Api::all(node);
     as_node.list(&Default::default()).await.expect("the node agent lists Volumes");
 }
 
