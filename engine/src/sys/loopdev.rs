@@ -145,11 +145,6 @@ fn check(rc: libc::c_int, op: &'static str, device: &Path) -> Result<(), LoopErr
     }
 }
 
-/// The sysfs view of a backing path has " (deleted)" appended when the file was unlinked.
-fn same_backing_file(reported: &Path, image: &Path) -> bool {
-    reported == image
-}
-
 /// Every loop device currently bound to a backing file.
 pub fn attached_devices() -> Result<Vec<(LoopDevice, PathBuf)>, LoopError> {
     let mut found = Vec::new();
@@ -170,7 +165,7 @@ pub fn attached_devices() -> Result<Vec<(LoopDevice, PathBuf)>, LoopError> {
 
 /// The loop device `image` is attached to, if any. `image` must be an absolute, canonical path.
 pub fn find_by_backing_file(image: &Path) -> Result<Option<LoopDevice>, LoopError> {
-    Ok(attached_devices()?.into_iter().find(|(_, backing)| same_backing_file(backing, image)).map(|(device, _)| device))
+    Ok(attached_devices()?.into_iter().find(|(_, backing)| backing == image).map(|(device, _)| device))
 }
 
 /// Attaches `image` to a free loop device with LOOP_CONFIGURE, with direct I/O requested.
