@@ -216,11 +216,12 @@ impl Controller for ControllerService {
         let engine = Arc::clone(&self.engine);
         let entries = rpc::run("ListVolumes", "", move || {
             let (records, next_token) = engine.list_volumes(&req.starting_token, req.max_entries)?;
+            let conditions = engine.volume_conditions(&records)?;
             let mut entries = Vec::with_capacity(records.len());
-            for record in &records {
+            for (record, message) in records.iter().zip(conditions) {
                 let status = csi::list_volumes_response::VolumeStatus {
                     published_node_ids: Vec::new(),
-                    volume_condition: Some(condition(engine.volume_condition(record)?)),
+                    volume_condition: Some(condition(message)),
                 };
                 entries.push(csi::list_volumes_response::Entry {
                     volume: Some(to_csi_volume(record, engine.node_id())),

@@ -59,12 +59,42 @@ pub struct Engine {
     default_volume_size: u64,
     allowed_mount_options: Vec<String>,
     restore_publications: bool,
-    /// Serialises "check free space, then allocate" so two creates cannot both take the last
-    /// free bytes. Held only around that short step, never around mkfs or mounts.
-    allocation: Mutex<()>,
+    /// Bytes promised to creates and expansions still in progress (image not yet recorded).
+    /// The lock covers only "check free space, then promise"; copies and preallocation run
+    /// outside it, so one large clone never holds up other volumes.
+    reserved: Mutex<u64>,
+}
+
+/// Space promised to one in-progress create or expansion; released on drop (by then the
+/// volume's record accounts for it, or the operation failed).
+pub(crate) struct Reservation<'a> {
+    reserved: &'a Mutex<u64>,
+    bytes: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        *reserved = reserved.saturating_sub(self.bytes);
+    }
 }
 
 impl Engine {
+    /// Promises `bytes` of the pool, or RESOURCE_EXHAUSTED with `what` explaining the need.
+    pub(crate) fn reserve(&self, bytes: u64, what: impl FnOnce() -> String) -> Result<Reservation<'_>> {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        let capacity = self.pool.capacity(&self.store.list()?)?;
+        let available = capacity.available_bytes.saturating_sub(*reserved);
+        if bytes > available {
+            return Err(Error::ResourceExhausted(format!(
+                "pool has {available} bytes available, {} needs {bytes}",
+                what()
+            )));
+        }
+        *reserved += bytes;
+        Ok(Reservation { reserved: &self.reserved, bytes })
+    }
+
     pub fn open(config: EngineConfig) -> Result<Self> {
         let data_dir = config.data_dir.clone();
         std::fs::create_dir_all(&data_dir).context(|| format!("creating data dir {}", data_dir.display()))?;
@@ -90,7 +120,7 @@ impl Engine {
             default_volume_size: config.default_volume_size,
             allowed_mount_options: config.allowed_mount_options,
             restore_publications: config.restore_publications,
-            allocation: Mutex::new(()),
+            reserved: Mutex::new(0),
         })
     }
 

@@ -553,24 +553,38 @@ impl Engine {
 
     /// Health of a volume on this node: `None` when normal, otherwise what is wrong.
     pub fn volume_condition(&self, record: &VolumeRecord) -> Result<Option<String>> {
-        if !self.pool.image_exists(&record.id) {
-            return Ok(Some(format!("the image file of {} is missing from the pool", record.id)));
-        }
-        let Some(staged) = &record.staged else { return Ok(None) };
-        let Some(device) = self.attached_device(&record.id)? else {
-            return Ok(Some(format!("staged at {} but its loop device is gone", staged.staging_path.display())));
-        };
+        Ok(self.volume_conditions(std::slice::from_ref(record))?.remove(0))
+    }
+
+    /// Conditions of many volumes, reading the mount table and the loop devices once.
+    pub fn volume_conditions(&self, records: &[VolumeRecord]) -> Result<Vec<Option<String>>> {
         let table = mount_table()?;
+        let devices = loopdev::attached_devices().map_err(|e| Error::internal("listing loop devices", e))?;
+        Ok(records.iter().map(|record| self.condition_of(record, &table, &devices)).collect())
+    }
+
+    fn condition_of(
+        &self,
+        record: &VolumeRecord,
+        table: &MountTable,
+        devices: &[(LoopDevice, PathBuf)],
+    ) -> Option<String> {
+        let image = self.pool.image_path(&record.id);
+        if !image.exists() {
+            return Some(format!("the image file of {} is missing from the pool", record.id));
+        }
+        let staged = record.staged.as_ref()?;
+        let Some((device, _)) = devices.iter().find(|(_, backing)| *backing == image) else {
+            return Some(format!("staged at {} but its loop device is gone", staged.staging_path.display()));
+        };
         let device_path = device.path();
         if staged.filesystem_mounted
             && !table.top_mount_at(&staged.staging_path).is_some_and(|m| m.is_from(&device_path))
         {
-            return Ok(Some(format!("the staging mount at {} has vanished", staged.staging_path.display())));
+            return Some(format!("the staging mount at {} has vanished", staged.staging_path.display()));
         }
-        for target in record.published.keys() {
-            if !table.is_mount_point(target) {
-                return Ok(Some(format!("the publish mount at {} has vanished", target.display())));
-            }
+        if let Some(target) = record.published.keys().find(|t| !table.is_mount_point(t)) {
+            return Some(format!("the publish mount at {} has vanished", target.display()));
         }
         if record.layout.fs_type() == Some(FsType::Ext4) && staged.filesystem_mounted {
             let errors = std::fs::read_to_string(format!(
@@ -578,10 +592,10 @@ impl Engine {
                 device_path.file_name().unwrap_or_default().to_string_lossy()
             ));
             if let Some(count) = errors.ok().and_then(|t| t.trim().parse::<u64>().ok()).filter(|&n| n > 0) {
-                return Ok(Some(format!("the ext4 filesystem has recorded {count} error(s); run fsck")));
+                return Some(format!("the ext4 filesystem has recorded {count} error(s); run fsck"));
             }
         }
-        Ok(None)
+        None
     }
 
     /// Brings the node back to what the records say after a restart or reboot: re-attach and

@@ -164,21 +164,12 @@ impl Engine {
             }
             _ => None,
         };
-        {
-            let _allocation = self.allocation.lock().unwrap_or_else(|p| p.into_inner());
-            let capacity = self.pool.capacity(&self.store.list()?)?;
-            if size > capacity.available_bytes {
-                return Err(Error::ResourceExhausted(format!(
-                    "pool has {} bytes available, volume {} needs {size}",
-                    capacity.available_bytes, request.name
-                )));
-            }
-            match &source {
-                None => self.pool.create_image(&id, size, provisioning)?,
-                Some(source) => {
-                    let method = self.pool.create_image_from(&source.image, &id, size, provisioning)?;
-                    tracing::info!(volume_id = %id, method = method.as_str(), "volume data copied from its source");
-                }
+        let reservation = self.reserve(size, || format!("volume {}", request.name))?;
+        match &source {
+            None => self.pool.create_image(&id, size, provisioning)?,
+            Some(source) => {
+                let method = self.pool.create_image_from(&source.image, &id, size, provisioning)?;
+                tracing::info!(volume_id = %id, method = method.as_str(), "volume data copied from its source");
             }
         }
         drop(frozen);
@@ -199,6 +190,7 @@ impl Engine {
             let _ = self.pool.remove_image(&id);
             return Err(err);
         }
+        drop(reservation);
         tracing::info!(volume_id = %id, name = %record.name, size, layout = ?layout, "volume created");
         Ok(record)
     }
@@ -295,20 +287,11 @@ impl Engine {
         if wanted <= current {
             return Ok((current, needs_node));
         }
-        {
-            let _allocation = self.allocation.lock().unwrap_or_else(|p| p.into_inner());
-            let capacity = self.pool.capacity(&self.store.list()?)?;
-            let growth = wanted - current;
-            if growth > capacity.available_bytes {
-                return Err(Error::ResourceExhausted(format!(
-                    "pool has {} bytes available, growing {id} needs {growth} more",
-                    capacity.available_bytes
-                )));
-            }
-            self.pool.grow_image(&id, wanted, record.provisioning)?;
-        }
+        let reservation = self.reserve(wanted - current, || format!("growing {id}"))?;
+        self.pool.grow_image(&id, wanted, record.provisioning)?;
         record.capacity_bytes = wanted;
         self.store.save(&record)?;
+        drop(reservation);
         tracing::info!(volume_id = %id, from = current, to = wanted, "volume expanded");
         Ok((wanted, needs_node))
     }
