@@ -60,6 +60,21 @@ PLINTH_K8S_VERSION=$("$PLINTH_KUBE_APISERVER" --version | awk '{print $2}')
 export PLINTH_K8S_VERSION
 echo "kube-apiserver $PLINTH_K8S_VERSION, $("$PLINTH_ETCD" --version | head -1)"
 
+step "interop clients: grpc-go dialing like kubelet, Python grpcio (gRPC C-core)"
+mkdir -p target/interop
+(cd tests/interop/go && GOFLAGS=-mod=mod GOTOOLCHAIN=local go build -o ../../../target/interop/plinth-interop-go .)
+export PLINTH_GO_INTEROP=$PWD/target/interop/plinth-interop-go
+python_env=$CACHE/python-interop-$(sha256sum tests/interop/python/requirements.txt | cut -c1-12)
+if [ ! -x "$python_env/bin/python" ]; then
+  command -v python3 >/dev/null 2>&1 || { apt-get update -qq; apt-get install -y -qq python3 python3-venv >/dev/null; }
+  rm -rf "$python_env.partial"
+  python3 -m venv "$python_env.partial"
+  "$python_env.partial/bin/pip" install -q -r tests/interop/python/requirements.txt
+  mv -T "$python_env.partial" "$python_env"
+fi
+export PLINTH_PYTHON_INTEROP=$python_env/bin/python
+echo "go client $PLINTH_GO_INTEROP, python $("$PLINTH_PYTHON_INTEROP" -c 'import grpc; print("grpcio", grpc.__version__)')"
+
 step "format and lint"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -7,7 +7,7 @@ use plinth_proto::csi_v1::{
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::server::socket_path;
+use plinth_socket::socket_path;
 
 pub struct Clients {
     pub identity: IdentityClient<Channel>,

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use plinth_proto::DRIVER_NAME;
 use plinth_proto::pluginregistration::registration_server::{Registration, RegistrationServer};
 use plinth_proto::pluginregistration::{InfoRequest, PluginInfo, RegistrationStatus, RegistrationStatusResponse};
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
 /// CSI versions kubelet may speak to plinth with.
@@ -52,11 +51,11 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let socket = registration_socket(&kubelet_dir);
-    let listener = crate::server::bind_socket(&socket)?;
+    let listener = plinth_socket::bind(&socket)?;
     tracing::info!(socket = %socket.display(), "serving kubelet plugin registration");
     let result = tonic::transport::Server::builder()
         .add_service(RegistrationServer::new(Registrar { csi_endpoint }))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(plinth_socket::incoming(listener), shutdown)
         .await;
     let _ = std::fs::remove_file(&socket);
     Ok(result?)

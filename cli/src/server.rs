@@ -2,12 +2,9 @@
 //! on SIGTERM/SIGINT (stop accepting, finish in-flight RPCs), socket removed on exit.
 
 use std::collections::HashMap;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
-use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket};
+use anyhow::Context;
 use plinth_controller::identity::{MANIFEST_POOL, MANIFEST_STAGING_ROOT};
 use plinth_controller::{ControllerService, GroupControllerService, IdentityService};
 use plinth_engine::{Engine, EngineConfig};
@@ -16,7 +13,7 @@ use plinth_proto::csi_v1::{
     controller_server::ControllerServer, group_controller_server::GroupControllerServer,
     identity_server::IdentityServer, node_server::NodeServer,
 };
-use tokio_stream::wrappers::UnixListenerStream;
+use plinth_socket::{bind, incoming, socket_path};
 
 use crate::cli::{SOCKET_NAME, ServerOpts};
 
@@ -36,44 +33,8 @@ impl Mode {
     }
 }
 
-/// `unix:///path`, `unix:/path` or a bare absolute path.
-pub fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
-    let path = endpoint.strip_prefix("unix://").or_else(|| endpoint.strip_prefix("unix:")).unwrap_or(endpoint);
-    if !path.starts_with('/') {
-        bail!("endpoint {endpoint:?} must be a unix socket path such as unix:///var/lib/plinth/csi.sock");
-    }
-    Ok(PathBuf::from(path))
-}
-
 fn hostname() -> anyhow::Result<String> {
     Ok(nix::unistd::gethostname().context("reading the hostname")?.to_string_lossy().into_owned())
-}
-
-/// Binds the socket with 0600 permissions before anyone can connect.
-pub fn bind_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                bail!("another process is already serving on {}", path.display());
-            }
-            std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
-        }
-        Ok(_) => bail!("{} exists and is not a socket; refusing to replace it", path.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
-    }
-    let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).context("creating socket")?;
-    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &UnixAddr::new(path).context("socket path")?)
-        .with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {}", path.display()))?;
-    listen(&fd, Backlog::new(128).context("backlog")?).with_context(|| format!("listening on {}", path.display()))?;
-    let listener = std::os::unix::net::UnixListener::from(fd);
-    listener.set_nonblocking(true)?;
-    Ok(tokio::net::UnixListener::from_std(listener)?)
 }
 
 /// A server running beside the main one (HTTP probes, kubelet registration, sidecar CSI),
@@ -195,7 +156,7 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
     let group = mode.controller().then(|| GroupControllerServer::new(GroupControllerService::new(Arc::clone(&engine))));
     let node = mode.node().then(|| NodeServer::new(NodeService::new(Arc::clone(&engine), opts.max_volumes_per_node)));
 
-    let listener = bind_socket(&socket)?;
+    let listener = bind(&socket)?;
     let mut beside: Vec<Beside> = Vec::new();
     if let (Some(kubelet_dir), true) = (&opts.kubelet_dir, mode.node()) {
         let (dir, endpoint) = (kubelet_dir.clone(), socket.clone());
@@ -214,7 +175,7 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
         .add_optional_service(controller)
         .add_optional_service(group)
         .add_optional_service(node)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+        .serve_with_incoming_shutdown(incoming(listener), shutdown_signal())
         .await;
     let _ = std::fs::remove_file(&socket);
     stop_all(beside).await?;
@@ -233,7 +194,7 @@ async fn serve_cluster_controller(
     let mut beside: Vec<Beside> = Vec::new();
     if let Some(endpoint) = endpoint {
         let socket = socket_path(&endpoint)?;
-        let listener = bind_socket(&socket)?;
+        let listener = bind(&socket)?;
         let identity = IdentityService::new(None, true, false, HashMap::new());
         let controller = plinth_cluster::csi_controller::ClusterController::new(client.clone());
         tracing::info!(%endpoint, "serving the CSI Controller for sidecars");
@@ -241,7 +202,7 @@ async fn serve_cluster_controller(
             let served = tonic::transport::Server::builder()
                 .add_service(IdentityServer::new(identity))
                 .add_service(ControllerServer::new(controller))
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped)
+                .serve_with_incoming_shutdown(incoming(listener), stopped)
                 .await;
             let _ = std::fs::remove_file(&socket);
             Ok(served?)
@@ -253,18 +214,4 @@ async fn serve_cluster_controller(
     let result = crate::cluster::run_controller(client, opts, shutdown_signal()).await;
     stop_all(beside).await?;
     result
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_endpoints() {
-        assert_eq!(socket_path("unix:///a/b.sock").unwrap(), PathBuf::from("/a/b.sock"));
-        assert_eq!(socket_path("unix:/a/b.sock").unwrap(), PathBuf::from("/a/b.sock"));
-        assert_eq!(socket_path("/a/b.sock").unwrap(), PathBuf::from("/a/b.sock"));
-        assert!(socket_path("tcp://127.0.0.1:1").is_err());
-        assert!(socket_path("unix://relative").is_err());
-    }
 }
