@@ -2,7 +2,8 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=csi.proto");
     println!("cargo:rerun-if-changed=pluginregistration.proto");
-    let descriptors = protox::compile(["csi.proto", "pluginregistration.proto"], ["."])?;
+    println!("cargo:rerun-if-changed=plinth.proto");
+    let descriptors = protox::compile(["csi.proto", "pluginregistration.proto", "plinth.proto"], ["."])?;
     tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(descriptors)?;
     Ok(())
 }

@@ -5,6 +5,7 @@ use hyper_util::rt::TokioIo;
 use plinth_proto::csi_v1::{
     controller_client::ControllerClient, identity_client::IdentityClient, node_client::NodeClient,
 };
+use plinth_proto::local::local_client::LocalClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use plinth_socket::socket_path;
@@ -13,6 +14,7 @@ pub struct Clients {
     pub identity: IdentityClient<Channel>,
     pub controller: ControllerClient<Channel>,
     pub node: NodeClient<Channel>,
+    pub local: LocalClient<Channel>,
 }
 
 pub async fn connect(endpoint: &str) -> anyhow::Result<Clients> {
@@ -31,6 +33,7 @@ pub async fn connect(endpoint: &str) -> anyhow::Result<Clients> {
     Ok(Clients {
         identity: IdentityClient::new(channel.clone()),
         controller: ControllerClient::new(channel.clone()),
-        node: NodeClient::new(channel),
+        node: NodeClient::new(channel.clone()),
+        local: LocalClient::new(channel),
     })
 }

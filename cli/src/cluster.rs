@@ -9,6 +9,7 @@ use plinth_cluster::agent::Agent;
 use plinth_cluster::capacity::Publisher;
 use plinth_cluster::leader::LeaderElection;
 use plinth_cluster::provisioner;
+use plinth_controller::metrics::Metrics;
 use plinth_engine::Engine;
 
 use crate::cli::ServerOpts;
@@ -36,10 +37,12 @@ fn identity(opts: &ServerOpts) -> String {
 }
 
 /// The cluster controller: waits for leadership (when asked to), then reconciles until
-/// shutdown. Losing the lease ends the process, so a replica never acts as a stale leader.
+/// shutdown. Losing the lease — another holder, or no renewal within the renew deadline — stops
+/// the reconcilers at once and ends the process, so a replica never acts as a stale leader.
 pub async fn run_controller(
     client: kube::Client,
     opts: &ServerOpts,
+    metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let identity = identity(opts);
@@ -48,18 +51,19 @@ pub async fn run_controller(
         LeaderElection::new(client.clone(), &opts.namespace, LEASE_NAME, &identity, duration)
     });
     tokio::pin!(shutdown);
+    let mut leadership = None;
     if let Some(election) = &election {
         tracing::info!(%identity, "waiting for leadership");
         tokio::select! {
-            () = election.acquire() => {}
+            held = election.acquire() => leadership = Some(held),
             () = &mut shutdown => return Ok(()),
         }
     }
-    let context = Arc::new(provisioner::Context::new(client, &identity));
+    let context = Arc::new(provisioner::Context::new(client, &identity, metrics));
     let lost = async {
-        match &election {
-            Some(election) => election.hold().await,
-            None => std::future::pending().await,
+        match (&election, leadership) {
+            (Some(election), Some(leadership)) => election.hold(leadership).await,
+            _ => std::future::pending().await,
         }
     };
     tokio::select! {
@@ -75,9 +79,10 @@ pub async fn run_controller(
 }
 
 /// Starts the node agent and the capacity publisher in the background.
-pub fn spawn_node_agent(client: kube::Client, engine: Arc<Engine>, opts: &ServerOpts) {
+pub fn spawn_node_agent(client: kube::Client, engine: Arc<Engine>, opts: &ServerOpts, metrics: Arc<Metrics>) {
     let changed = Arc::new(tokio::sync::Notify::new());
-    let agent = Arc::new(Agent { client: client.clone(), engine: Arc::clone(&engine), changed: Arc::clone(&changed) });
+    let agent =
+        Arc::new(Agent { client: client.clone(), engine: Arc::clone(&engine), changed: Arc::clone(&changed), metrics });
     tokio::spawn(plinth_cluster::agent::run(agent));
     let publisher = Publisher { client, engine, namespace: opts.namespace.clone(), changed };
     tokio::spawn(publisher.run());

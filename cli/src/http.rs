@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use plinth_controller::metrics::METRICS;
+use plinth_controller::metrics::Metrics;
 use plinth_engine::Engine;
 
 /// What `/readyz` asks: `Err(reason)` means not ready.
@@ -20,6 +20,7 @@ struct Shared {
     /// Pool figures for /metrics, where this process owns a pool.
     engine: Option<Arc<Engine>>,
     ready: ReadyCheck,
+    metrics: Arc<Metrics>,
 }
 
 async fn healthz() -> &'static str {
@@ -39,25 +40,28 @@ pub fn engine_ready(engine: Arc<Engine>, node_duty: bool) -> ReadyCheck {
     Arc::new(move || engine.probe(node_duty).map_err(|e| e.chain()))
 }
 
-async fn metrics(State(shared): State<Shared>) -> impl IntoResponse {
+async fn metrics_text(State(shared): State<Shared>) -> impl IntoResponse {
     // Pool figures are read at scrape time: always current, no background poller.
+    let metrics = Arc::clone(&shared.metrics);
     let Some(engine) = shared.engine.clone() else {
-        return ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], METRICS.encode());
+        return ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.encode());
     };
+    let pool_metrics = Arc::clone(&metrics);
     let _ = tokio::task::spawn_blocking(move || -> plinth_engine::Result<()> {
+        let metrics = pool_metrics;
         let records = engine.volumes()?;
         let capacity = engine.capacity(None)?;
-        METRICS.set_pool("available", capacity.available_bytes);
-        METRICS.set_pool("provisioned", capacity.provisioned_bytes);
-        METRICS.set_pool("allocated", capacity.allocated_bytes);
-        METRICS.set_pool("filesystem_total", capacity.filesystem_total_bytes);
-        METRICS.set_volumes("created", records.len());
-        METRICS.set_volumes("staged", records.iter().filter(|r| r.staged.is_some()).count());
-        METRICS.set_volumes("published", records.iter().filter(|r| !r.published.is_empty()).count());
+        metrics.set_pool("available", capacity.available_bytes);
+        metrics.set_pool("provisioned", capacity.provisioned_bytes);
+        metrics.set_pool("allocated", capacity.allocated_bytes);
+        metrics.set_pool("filesystem_total", capacity.filesystem_total_bytes);
+        metrics.set_volumes("created", records.len());
+        metrics.set_volumes("staged", records.iter().filter(|r| r.staged.is_some()).count());
+        metrics.set_volumes("published", records.iter().filter(|r| !r.published.is_empty()).count());
         Ok(())
     })
     .await;
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], METRICS.encode())
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.encode())
 }
 
 /// Binds first, so a taken port fails the start instead of surfacing at shutdown.
@@ -70,13 +74,14 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     engine: Option<Arc<Engine>>,
     ready: ReadyCheck,
+    metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(Shared { engine, ready });
+        .route("/metrics", get(metrics_text))
+        .with_state(Shared { engine, ready, metrics });
     tracing::info!(address = %listener.local_addr()?, "serving /healthz, /readyz and /metrics");
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
     Ok(())

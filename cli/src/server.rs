@@ -6,13 +6,16 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use plinth_controller::identity::{MANIFEST_POOL, MANIFEST_STAGING_ROOT};
+use plinth_controller::metrics::Metrics;
+use plinth_controller::rpc::Rpc;
 use plinth_controller::{ControllerService, GroupControllerService, IdentityService};
 use plinth_engine::{Engine, EngineConfig};
-use plinth_node::NodeService;
+use plinth_node::{LocalService, NodeService};
 use plinth_proto::csi_v1::{
     controller_server::ControllerServer, group_controller_server::GroupControllerServer,
     identity_server::IdentityServer, node_server::NodeServer,
 };
+use plinth_proto::local::local_server::LocalServer;
 use plinth_socket::{bind, incoming, socket_path};
 
 use crate::cli::{SOCKET_NAME, ServerOpts};
@@ -76,10 +79,11 @@ async fn spawn_http(
     address: Option<std::net::SocketAddr>,
     engine: Option<Arc<Engine>>,
     ready: crate::http::ReadyCheck,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<Option<Beside>> {
     let Some(address) = address else { return Ok(None) };
     let listener = crate::http::bind(address).await?;
-    Ok(Some(Beside::spawn("HTTP", move |stopped| crate::http::serve(listener, engine, ready, stopped))))
+    Ok(Some(Beside::spawn("HTTP", move |stopped| crate::http::serve(listener, engine, ready, metrics, stopped))))
 }
 
 async fn shutdown_signal() {
@@ -98,9 +102,11 @@ async fn shutdown_signal() {
 }
 
 pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> anyhow::Result<()> {
+    // One boundary and one metrics registry for everything this process serves.
+    let rpc = Rpc::new(Arc::new(Metrics::new()));
     let kube = crate::cluster::client(&opts).await.context("connecting to Kubernetes")?;
     if let (Mode::Controller, Some(client)) = (mode, &kube) {
-        return serve_cluster_controller(client.clone(), &opts, endpoint).await;
+        return serve_cluster_controller(client.clone(), &opts, endpoint, rpc).await;
     }
     let endpoint = endpoint.unwrap_or_else(|| format!("unix://{}/{SOCKET_NAME}", opts.data_dir.display()));
     let socket = socket_path(&endpoint)?;
@@ -144,17 +150,24 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
     }
 
     if let (true, Some(client)) = (mode.node(), kube) {
-        crate::cluster::spawn_node_agent(client, Arc::clone(&engine), &opts);
+        crate::cluster::spawn_node_agent(client, Arc::clone(&engine), &opts, Arc::clone(rpc.metrics()));
     }
 
     let mut manifest = HashMap::from([(MANIFEST_POOL.to_owned(), engine.pool_dir().display().to_string())]);
     if mode == Mode::Standalone {
         manifest.insert(MANIFEST_STAGING_ROOT.to_owned(), staging_root.display().to_string());
     }
-    let identity = IdentityService::new(Some(Arc::clone(&engine)), mode.controller(), mode.node(), manifest);
-    let controller = mode.controller().then(|| ControllerServer::new(ControllerService::new(Arc::clone(&engine))));
-    let group = mode.controller().then(|| GroupControllerServer::new(GroupControllerService::new(Arc::clone(&engine))));
-    let node = mode.node().then(|| NodeServer::new(NodeService::new(Arc::clone(&engine), opts.max_volumes_per_node)));
+    let identity =
+        IdentityService::new(Some(Arc::clone(&engine)), mode.controller(), mode.node(), manifest, rpc.clone());
+    let controller =
+        mode.controller().then(|| ControllerServer::new(ControllerService::new(Arc::clone(&engine), rpc.clone())));
+    let group = mode
+        .controller()
+        .then(|| GroupControllerServer::new(GroupControllerService::new(Arc::clone(&engine), rpc.clone())));
+    let node = mode
+        .node()
+        .then(|| NodeServer::new(NodeService::new(Arc::clone(&engine), rpc.clone(), opts.max_volumes_per_node)));
+    let local = mode.node().then(|| LocalServer::new(LocalService::new(Arc::clone(&engine), rpc.clone())));
 
     let listener = bind(&socket)?;
     let mut beside: Vec<Beside> = Vec::new();
@@ -165,7 +178,7 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
         }));
     }
     let ready = crate::http::engine_ready(Arc::clone(&engine), mode.node());
-    beside.extend(spawn_http(opts.http_address, Some(Arc::clone(&engine)), ready).await?);
+    beside.extend(spawn_http(opts.http_address, Some(Arc::clone(&engine)), ready, Arc::clone(rpc.metrics())).await?);
     tracing::info!(
         endpoint = %endpoint, node_id = %node_id, mode = ?mode, data_dir = %opts.data_dir.display(),
         allowed_roots = ?engine.allowed_roots(), "plinth serving"
@@ -175,6 +188,7 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
         .add_optional_service(controller)
         .add_optional_service(group)
         .add_optional_service(node)
+        .add_optional_service(local)
         .serve_with_incoming_shutdown(incoming(listener), shutdown_signal())
         .await;
     let _ = std::fs::remove_file(&socket);
@@ -190,13 +204,14 @@ async fn serve_cluster_controller(
     client: kube::Client,
     opts: &ServerOpts,
     endpoint: Option<String>,
+    rpc: Rpc,
 ) -> anyhow::Result<()> {
     let mut beside: Vec<Beside> = Vec::new();
     if let Some(endpoint) = endpoint {
         let socket = socket_path(&endpoint)?;
         let listener = bind(&socket)?;
-        let identity = IdentityService::new(None, true, false, HashMap::new());
-        let controller = plinth_cluster::csi_controller::ClusterController::new(client.clone());
+        let identity = IdentityService::new(None, true, false, HashMap::new(), rpc.clone());
+        let controller = plinth_cluster::csi_controller::ClusterController::new(client.clone(), rpc.clone());
         tracing::info!(%endpoint, "serving the CSI Controller for sidecars");
         beside.push(Beside::spawn("CSI", move |stopped| async move {
             let served = tonic::transport::Server::builder()
@@ -209,9 +224,10 @@ async fn serve_cluster_controller(
         }));
     }
     // The cluster controller's readiness is its process being up; leadership is separate.
-    beside.extend(spawn_http(opts.http_address, None, Arc::new(|| Ok(()))).await?);
+    let metrics = Arc::clone(rpc.metrics());
+    beside.extend(spawn_http(opts.http_address, None, Arc::new(|| Ok(())), Arc::clone(&metrics)).await?);
     tracing::info!(namespace = %opts.namespace, leader_elect = opts.leader_elect, "plinth cluster controller starting");
-    let result = crate::cluster::run_controller(client, opts, shutdown_signal()).await;
+    let result = crate::cluster::run_controller(client, opts, metrics, shutdown_signal()).await;
     stop_all(beside).await?;
     result
 }

@@ -3,12 +3,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow, bail};
-use plinth_controller::controller::CONTEXT_NAME;
+use plinth_controller::context::VolumeContext;
 use plinth_controller::identity::{MANIFEST_POOL, MANIFEST_STAGING_ROOT};
-use plinth_engine::model::{PARAM_FS_TYPE, PARAM_PROVISIONING};
+use plinth_controller::params::ClassParameters;
+use plinth_engine::model::{FsType, Provisioning};
 use plinth_engine::size::format_size;
-use plinth_engine::sys::{loopdev, mountinfo::MountTable};
 use plinth_proto::csi_v1::{self as csi, volume_capability};
+use plinth_proto::local::ListMountsRequest;
 use serde_json::json;
 use tonic::Status;
 
@@ -19,11 +20,11 @@ fn explain(what: &str, status: Status) -> anyhow::Error {
     anyhow!("{what}: {} ({:?})", status.message(), status.code())
 }
 
-fn capability(fs_type: Option<&str>, read_only: bool) -> csi::VolumeCapability {
+fn capability(fs_type: Option<FsType>, read_only: bool) -> csi::VolumeCapability {
     use volume_capability::access_mode::Mode;
     let access_type = match fs_type {
         Some(fs) => volume_capability::AccessType::Mount(volume_capability::MountVolume {
-            fs_type: fs.to_owned(),
+            fs_type: fs.as_str().to_owned(),
             ..Default::default()
         }),
         None => volume_capability::AccessType::Block(volume_capability::BlockVolume {}),
@@ -53,8 +54,13 @@ async fn all_volumes(clients: &mut Clients) -> anyhow::Result<Vec<csi::Volume>> 
     }
 }
 
-fn name_of(volume: &csi::Volume) -> &str {
-    volume.volume_context.get(CONTEXT_NAME).map(String::as_str).unwrap_or("")
+/// The volume context plinth handed out for this volume (name, filesystem, provisioning).
+fn context_of(volume: &csi::Volume) -> Option<VolumeContext> {
+    VolumeContext::from_map(&volume.volume_context).ok()
+}
+
+fn name_of(volume: &csi::Volume) -> String {
+    context_of(volume).map(|c| c.name).unwrap_or_default()
 }
 
 async fn find_by_name(clients: &mut Clients, name: &str) -> anyhow::Result<csi::Volume> {
@@ -94,13 +100,14 @@ fn print_json(value: serde_json::Value) {
 }
 
 fn volume_json(volume: &csi::Volume, mounts: &[String]) -> serde_json::Value {
+    let context = context_of(volume);
     json!({
         "name": name_of(volume),
         "id": volume.volume_id,
         "capacity_bytes": volume.capacity_bytes,
-        "fs_type": volume.volume_context.get(PARAM_FS_TYPE),
-        "block": !volume.volume_context.contains_key(PARAM_FS_TYPE),
-        "provisioning": volume.volume_context.get(PARAM_PROVISIONING),
+        "fs_type": context.as_ref().and_then(|c| c.fs_type).map(FsType::as_str),
+        "block": context.as_ref().is_none_or(|c| c.fs_type.is_none()),
+        "provisioning": context.as_ref().map(|c| c.provisioning.as_str()),
         "mounted_at": mounts,
     })
 }
@@ -126,18 +133,15 @@ pub async fn volume(endpoint: &str, output: Output, verb: VolumeVerb) -> anyhow:
     let mut clients = connect(endpoint).await?;
     match verb {
         VolumeVerb::Create { name, size, fs, block, thick } => {
-            let fs_type = if block { None } else { Some(fs.unwrap_or_else(|| "ext4".into())) };
-            let mut parameters = std::collections::HashMap::new();
-            parameters.insert(PARAM_PROVISIONING.to_owned(), if thick { "thick" } else { "thin" }.to_owned());
-            if let Some(fs) = &fs_type {
-                parameters.insert(PARAM_FS_TYPE.to_owned(), fs.clone());
-            }
+            let fs_type = if block { None } else { Some(FsType::parse(fs.as_deref().unwrap_or("ext4"))?) };
+            let provisioning = if thick { Provisioning::Thick } else { Provisioning::Thin };
+            let parameters = ClassParameters { fs_type, provisioning, mkfs_options: None }.to_map();
             let volume = clients
                 .controller
                 .create_volume(csi::CreateVolumeRequest {
                     name: name.clone(),
                     capacity_range: Some(csi::CapacityRange { required_bytes: size as i64, limit_bytes: 0 }),
-                    volume_capabilities: vec![capability(fs_type.as_deref(), false)],
+                    volume_capabilities: vec![capability(fs_type, false)],
                     parameters,
                     ..Default::default()
                 })
@@ -152,7 +156,7 @@ pub async fn volume(endpoint: &str, output: Output, verb: VolumeVerb) -> anyhow:
                     "created {name} ({}, {}, {})",
                     volume.volume_id,
                     format_size(volume.capacity_bytes as u64),
-                    fs_type.as_deref().unwrap_or("block")
+                    fs_type.map_or("block", FsType::as_str)
                 ),
             }
         }
@@ -170,7 +174,7 @@ pub async fn volume(endpoint: &str, output: Output, verb: VolumeVerb) -> anyhow:
             let volume = find_by_name(&mut clients, &name).await?;
             let staging = staging_path(&mut clients, &volume.volume_id).await?;
             let target = absolute(&path)?;
-            let cap = capability(volume.volume_context.get(PARAM_FS_TYPE).map(String::as_str), read_only);
+            let cap = capability(context_of(&volume).and_then(|c| c.fs_type), read_only);
             clients
                 .node
                 .node_stage_volume(csi::NodeStageVolumeRequest {
@@ -202,18 +206,18 @@ pub async fn volume(endpoint: &str, output: Output, verb: VolumeVerb) -> anyhow:
         }
         VolumeVerb::Unmount { path } => {
             let target = absolute(&path)?.display().to_string();
-            let mut owner = None;
-            for volume in all_volumes(&mut clients).await? {
-                let probe = csi::NodeGetVolumeStatsRequest {
-                    volume_id: volume.volume_id.clone(),
-                    volume_path: target.clone(),
-                    ..Default::default()
-                };
-                if clients.node.node_get_volume_stats(probe).await.is_ok() {
-                    owner = Some(volume);
-                    break;
-                }
-            }
+            let mounts = clients
+                .local
+                .list_mounts(ListMountsRequest {})
+                .await
+                .map_err(|s| explain("asking plinth where its volumes are mounted", s))?
+                .into_inner()
+                .volumes;
+            let owner_id = mounts.into_iter().find(|m| m.published_paths.contains(&target)).map(|m| m.volume_id);
+            let owner = match owner_id {
+                Some(id) => all_volumes(&mut clients).await?.into_iter().find(|v| v.volume_id == id),
+                None => None,
+            };
             let volume = owner.ok_or_else(|| anyhow!("no plinth volume is mounted at {target}"))?;
             clients
                 .node
@@ -231,7 +235,7 @@ pub async fn volume(endpoint: &str, output: Output, verb: VolumeVerb) -> anyhow:
                     staging_target_path: staging,
                 })
                 .await;
-            let name = name_of(&volume).to_owned();
+            let name = name_of(&volume);
             match unstaged {
                 Ok(_) => {}
                 Err(s) if s.code() == tonic::Code::FailedPrecondition => {
@@ -260,20 +264,19 @@ pub async fn volume(endpoint: &str, output: Output, verb: VolumeVerb) -> anyhow:
     Ok(())
 }
 
-/// Where each volume is mounted on this machine, read from the local mount table (the CSI API
-/// has no call for it). Empty lists when plinth runs elsewhere.
+/// Where each volume is mounted, as the node serving the socket knows it (empty lists when that
+/// plinth has no node duty).
 async fn local_mounts(clients: &mut Clients, volumes: &[csi::Volume]) -> Vec<Vec<String>> {
-    let pool = manifest(clients).await.ok().and_then(|mut m| m.remove(MANIFEST_POOL));
-    let table = MountTable::read().unwrap_or_default();
+    let known = clients.local.list_mounts(ListMountsRequest {}).await.map(|r| r.into_inner().volumes);
+    let known = known.unwrap_or_default();
     volumes
         .iter()
         .map(|volume| {
-            let Some(pool) = &pool else { return Vec::new() };
-            let image = Path::new(pool).join(format!("{}.img", volume.volume_id));
-            let Some(device) = loopdev::find_by_backing_file(&image).ok().flatten() else {
-                return Vec::new();
-            };
-            table.mounts_of_device(&device.path()).map(|m| m.mount_point.display().to_string()).collect()
+            known
+                .iter()
+                .find(|m| m.volume_id == volume.volume_id)
+                .map(|m| m.published_paths.clone())
+                .unwrap_or_default()
         })
         .collect()
 }
@@ -284,11 +287,11 @@ fn print_volumes(volumes: &[csi::Volume], mounts: &[Vec<String>]) {
         .zip(mounts)
         .map(|(v, m)| {
             vec![
-                name_of(v).to_owned(),
+                name_of(v),
                 v.volume_id.clone(),
                 format_size(v.capacity_bytes as u64),
-                v.volume_context.get(PARAM_FS_TYPE).cloned().unwrap_or_else(|| "block".into()),
-                v.volume_context.get(PARAM_PROVISIONING).cloned().unwrap_or_default(),
+                context_of(v).and_then(|c| c.fs_type).map_or("block", FsType::as_str).to_owned(),
+                context_of(v).map(|c| c.provisioning.as_str().to_owned()).unwrap_or_default(),
                 if m.is_empty() { "-".into() } else { m.join(",") },
             ]
         })

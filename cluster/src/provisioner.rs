@@ -22,25 +22,27 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use plinth_controller::metrics::METRICS;
+use plinth_controller::metrics::Metrics;
+use plinth_controller::params::ClassParameters;
+use plinth_engine::model::FsType;
 use plinth_proto::{DRIVER_NAME, TOPOLOGY_NODE_KEY};
 use serde_json::json;
 
 use crate::crd::{ClaimRef, Phase, Volume, VolumeMode, VolumeSpec};
-use crate::keys::{IMAGE_FINALIZER, NODE_LABEL, PROVISIONED_BY, SELECTED_NODE};
+use crate::keys::{PROVISIONED_BY, SELECTED_NODE};
+use crate::volumes;
 use crate::{Error, Result};
-
-const FS_TYPE_PARAMETER: &str = "csi.storage.k8s.io/fstype";
 
 pub struct Context {
     pub client: kube::Client,
     pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Context {
-    pub fn new(client: kube::Client, instance: &str) -> Self {
+    pub fn new(client: kube::Client, instance: &str, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter { controller: "plinth-controller".into(), instance: Some(instance.into()) };
-        Self { recorder: Recorder::new(client.clone(), reporter), client }
+        Self { recorder: Recorder::new(client.clone(), reporter), client, metrics }
     }
 
     async fn event(&self, claim: &PersistentVolumeClaim, type_: EventType, reason: &str, note: String) {
@@ -148,17 +150,12 @@ fn persistent_volume(
     let volume_id = status.volume_id.clone().ok_or_else(|| Error::Invalid("volume has no ID yet".into()))?;
     let capacity = status.capacity_bytes.unwrap_or(volume.spec.size_bytes);
     let spec = claim.spec.clone().unwrap_or_default();
-    let mut attributes = BTreeMap::from([("plinth.csi.dev/name".to_owned(), volume.name_any())]);
-    if let Some(p) = &volume.spec.provisioning {
-        attributes.insert("provisioning".into(), p.clone());
+    let context = volume.volume_context();
+    let attributes: BTreeMap<String, String> = context.to_map();
+    let mut csi = json!({ "driver": DRIVER_NAME, "volumeHandle": volume_id, "volumeAttributes": attributes });
+    if let Some(fs) = context.fs_type {
+        csi["fsType"] = json!(fs.as_str());
     }
-    let mut csi = json!({ "driver": DRIVER_NAME, "volumeHandle": volume_id });
-    if volume.spec.volume_mode == VolumeMode::Filesystem {
-        let fs = volume.spec.fs_type.clone().unwrap_or_else(|| "ext4".into());
-        attributes.insert("fsType".into(), fs.clone());
-        csi["fsType"] = json!(fs);
-    }
-    csi["volumeAttributes"] = json!(attributes);
     Ok(json!({
         "apiVersion": "v1",
         "kind": "PersistentVolume",
@@ -190,7 +187,7 @@ fn persistent_volume(
 
 async fn reconcile_claim(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> Result<Action> {
     let result = reconcile_claim_inner(&claim, &ctx).await;
-    METRICS.record_reconcile("claims", result.is_ok());
+    ctx.metrics.record_reconcile("claims", result.is_ok());
     result
 }
 
@@ -214,10 +211,9 @@ async fn reconcile_claim_inner(claim: &PersistentVolumeClaim, ctx: &Context) -> 
         // Made already; the PV controller binds it.
         return Ok(Action::requeue(Duration::from_secs(10)));
     }
-    let volumes: Api<Volume> = Api::all(ctx.client.clone());
     let bytes = requested_bytes(claim)?;
     let wait_for_consumer = class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer");
-    let volume = match volumes.get_opt(&name).await? {
+    let volume = match volumes::api(&ctx.client).get_opt(&name).await? {
         Some(volume) => volume,
         None => {
             let node = if wait_for_consumer {
@@ -237,44 +233,34 @@ async fn reconcile_claim_inner(claim: &PersistentVolumeClaim, ctx: &Context) -> 
                     }
                 }
             };
-            let parameters = class.parameters.clone().unwrap_or_default();
+            let parameters = match ClassParameters::parse(class.parameters.iter().flatten()) {
+                Ok(parameters) => parameters,
+                Err(error) => {
+                    let note = format!("StorageClass {class_name} has parameters plinth cannot use: {error}");
+                    ctx.event(claim, EventType::Warning, "ProvisioningFailed", note).await;
+                    return Ok(Action::requeue(Duration::from_secs(60)));
+                }
+            };
             let block = claim.spec.as_ref().and_then(|s| s.volume_mode.as_deref()) == Some("Block");
             let spec = VolumeSpec {
                 node: node.clone(),
                 size_bytes: bytes,
                 volume_mode: if block { VolumeMode::Block } else { VolumeMode::Filesystem },
-                fs_type: (!block).then(|| {
-                    parameters
-                        .get(FS_TYPE_PARAMETER)
-                        .or_else(|| parameters.get("fsType"))
-                        .cloned()
-                        .unwrap_or_else(|| "ext4".into())
-                }),
-                provisioning: parameters.get("provisioning").cloned(),
-                mkfs_options: parameters.get("mkfsOptions").cloned(),
+                fs_type: (!block).then(|| parameters.fs_type.unwrap_or(FsType::Ext4)),
+                provisioning: parameters.provisioning,
+                mkfs_options: parameters.mkfs_options,
                 claim_ref: Some(ClaimRef {
                     namespace: claim.namespace().unwrap_or_default(),
                     name: claim.name_any(),
                     uid: claim.uid().unwrap_or_default(),
                 }),
             };
-            let mut volume = Volume::new(&name, spec);
-            volume.metadata.labels = Some(BTreeMap::from([(NODE_LABEL.to_owned(), node.clone())]));
-            volume.metadata.finalizers = Some(vec![IMAGE_FINALIZER.to_owned()]);
-            match volumes.create(&PostParams::default(), &volume).await {
-                Ok(created) => {
-                    ctx.event(
-                        claim,
-                        EventType::Normal,
-                        "Provisioning",
-                        format!("creating volume {name} on node {node}"),
-                    )
-                    .await;
-                    created
-                }
-                Err(kube::Error::Api(e)) if e.code == 409 => volumes.get(&name).await?,
-                Err(e) => return Err(e.into()),
+            let (volume, created) = volumes::ensure(&ctx.client, &name, spec).await?;
+            if created {
+                let note = format!("creating volume {name} on node {node}");
+                ctx.event(claim, EventType::Normal, "Provisioning", note).await;
             }
+            volume
         }
     };
     match volume.status.as_ref().and_then(|s| s.phase) {
@@ -309,37 +295,12 @@ async fn reconcile_claim_inner(claim: &PersistentVolumeClaim, ctx: &Context) -> 
             .await;
             if !wait_for_consumer {
                 // Let another node be chosen; the agent drops the finalizer once nothing is left.
-                let _ = volumes.delete(&name, &DeleteParams::default()).await;
+                volumes::delete(&ctx.client, &name).await?;
             }
             Ok(Action::requeue(Duration::from_secs(5)))
         }
         _ => Ok(Action::requeue(Duration::from_secs(2))),
     }
-}
-
-/// Creates the `Volume` named `name` (label, finalizer) unless it exists; returns it and whether
-/// this call created it. Shared by the claim reconciler and the CSI Controller service.
-pub async fn ensure_volume(client: &kube::Client, name: &str, spec: VolumeSpec) -> Result<(Volume, bool)> {
-    let volumes: Api<Volume> = Api::all(client.clone());
-    if let Some(existing) = volumes.get_opt(name).await? {
-        return Ok((existing, false));
-    }
-    let node = spec.node.clone();
-    let mut volume = Volume::new(name, spec);
-    volume.metadata.labels = Some(BTreeMap::from([(NODE_LABEL.to_owned(), node)]));
-    volume.metadata.finalizers = Some(vec![IMAGE_FINALIZER.to_owned()]);
-    match volumes.create(&PostParams::default(), &volume).await {
-        Ok(created) => Ok((created, true)),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok((volumes.get(name).await?, false)),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Asks for a `Volume` of at least `bytes` (the agent grows the image). Shared like the above.
-pub async fn request_growth(client: &kube::Client, name: &str, bytes: i64) -> Result<()> {
-    let patch = json!({ "spec": { "sizeBytes": bytes } });
-    Api::<Volume>::all(client.clone()).patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
-    Ok(())
 }
 
 /// Claim grew: Volume first (the agent grows the image), then the PV, then the claim is flagged
@@ -372,10 +333,11 @@ async fn expand(claim: &PersistentVolumeClaim, class: &StorageClass, pv_name: &s
         .await;
         return Ok(Action::await_change());
     }
-    let volumes: Api<Volume> = Api::all(ctx.client.clone());
-    let Some(volume) = volumes.get_opt(pv_name).await? else { return Ok(Action::await_change()) };
+    let Some(volume) = volumes::api(&ctx.client).get_opt(pv_name).await? else {
+        return Ok(Action::await_change());
+    };
     if volume.spec.size_bytes < requested {
-        request_growth(&ctx.client, pv_name, requested).await?;
+        volumes::request_growth(&ctx.client, pv_name, requested).await?;
         ctx.event(claim, EventType::Normal, "Resizing", format!("growing volume {pv_name} to {requested} bytes")).await;
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
@@ -417,7 +379,7 @@ async fn expand(claim: &PersistentVolumeClaim, class: &StorageClass, pv_name: &s
 
 async fn reconcile_volume_release(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Action> {
     let result = reconcile_release_inner(&pv, &ctx).await;
-    METRICS.record_reconcile("reclaim", result.is_ok());
+    ctx.metrics.record_reconcile("reclaim", result.is_ok());
     result
 }
 
@@ -431,12 +393,8 @@ async fn reconcile_release_inner(pv: &PersistentVolume, ctx: &Context) -> Result
         return Ok(Action::await_change());
     }
     let name = pv.name_any();
-    let volumes: Api<Volume> = Api::all(ctx.client.clone());
-    if volumes.get_opt(&name).await?.is_some() {
-        match volumes.delete(&name, &DeleteParams::default()).await {
-            Ok(_) | Err(kube::Error::Api(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
+    if volumes::api(&ctx.client).get_opt(&name).await?.is_some() {
+        volumes::delete(&ctx.client, &name).await?;
         // The agent removes the image, then the finalizer; the Volume watch brings us back.
         return Ok(Action::requeue(Duration::from_secs(2)));
     }

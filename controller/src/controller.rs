@@ -1,48 +1,36 @@
 //! CSI Controller over the local pool.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use plinth_engine::caps::Capability;
 use plinth_engine::model::{
-    ContentSource, Layout, MutableParameters, PARAM_FS_TYPE, PARAM_PROVISIONING, SnapshotRecord, VolumeParameters,
-    VolumeRecord, check_snapshot_parameters,
+    ContentSource, Layout, MutableParameters, SnapshotRecord, VolumeRecord, check_snapshot_parameters,
 };
 use plinth_engine::volumes::{CreateVolume, SourceRequest};
 use plinth_engine::{Engine, Error};
-use plinth_proto::TOPOLOGY_NODE_KEY;
 use plinth_proto::csi_v1::{self as csi, controller_server::Controller, controller_service_capability};
 use tonic::{Request, Response, Status};
 
-use crate::rpc;
-
-/// Volume context key carrying the CSI name the volume was created with.
-pub const CONTEXT_NAME: &str = "plinth.csi.dev/name";
+pub use crate::context::CONTEXT_NAME;
+use crate::context::VolumeContext;
+use crate::params::ClassParameters;
+use crate::rpc::{Rpc, Unimplemented};
+pub use crate::topology::node_topology;
+use crate::topology::{named_nodes, node_of};
 
 pub struct ControllerService {
     engine: Arc<Engine>,
+    rpc: Rpc,
 }
 
 impl ControllerService {
-    pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+    pub fn new(engine: Arc<Engine>, rpc: Rpc) -> Self {
+        Self { engine, rpc }
     }
 }
 
-pub fn node_topology(node_id: &str) -> csi::Topology {
-    csi::Topology { segments: HashMap::from([(TOPOLOGY_NODE_KEY.to_owned(), node_id.to_owned())]) }
-}
-
-/// The volume context handed back to the CO (and to the node on stage).
-fn volume_context(record: &VolumeRecord) -> HashMap<String, String> {
-    let mut context = HashMap::from([
-        (PARAM_PROVISIONING.to_owned(), record.provisioning.as_str().to_owned()),
-        (CONTEXT_NAME.to_owned(), record.name.clone()),
-    ]);
-    if let Layout::Filesystem { fs_type } = record.layout {
-        context.insert(PARAM_FS_TYPE.to_owned(), fs_type.as_str().to_owned());
-    }
-    context
+fn no_attach() -> Unimplemented {
+    Unimplemented("plinth volumes need no controller publish or unpublish (attachRequired: false)".into())
 }
 
 fn to_csi_volume(record: &VolumeRecord, node_id: &str) -> csi::Volume {
@@ -56,7 +44,7 @@ fn to_csi_volume(record: &VolumeRecord, node_id: &str) -> csi::Volume {
     csi::Volume {
         capacity_bytes: record.capacity_bytes as i64,
         volume_id: record.id.to_string(),
-        volume_context: volume_context(record),
+        volume_context: VolumeContext::for_record(record).to_map(),
         content_source,
         accessible_topology: vec![node_topology(node_id)],
     }
@@ -80,10 +68,18 @@ fn condition(message: Option<String>) -> csi::VolumeCondition {
     csi::VolumeCondition { abnormal: message.is_some(), message: message.unwrap_or_default() }
 }
 
-/// Nodes named by a topology list, or `None` when the list says nothing about nodes.
-fn named_nodes(topologies: &[csi::Topology]) -> Option<Vec<String>> {
-    let nodes: Vec<String> = topologies.iter().filter_map(|t| t.segments.get(TOPOLOGY_NODE_KEY).cloned()).collect();
-    (!topologies.is_empty()).then_some(nodes)
+/// Whether a volume of `layout` serves what a ValidateVolumeCapabilities request asks: its
+/// parameters, mutable parameters and capabilities. The same check for every path.
+pub fn check_capabilities(req: &csi::ValidateVolumeCapabilitiesRequest, layout: Layout) -> plinth_engine::Result<()> {
+    let params = ClassParameters::parse(&req.parameters)?;
+    if params.fs_type.is_some() && params.fs_type != layout.fs_type() {
+        return Err(Error::InvalidArgument("parameter fsType does not match the volume".into()));
+    }
+    MutableParameters::parse(&req.mutable_parameters)?;
+    for cap in Capability::parse_all(&req.volume_capabilities)? {
+        cap.check_layout(layout)?;
+    }
+    Ok(())
 }
 
 /// ValidateVolumeCapabilities' answer: the request echoed as confirmed, or why not.
@@ -105,10 +101,19 @@ pub fn validation_response(
     }
 }
 
-fn rpc_capability(t: controller_service_capability::rpc::Type) -> csi::ControllerServiceCapability {
-    csi::ControllerServiceCapability {
-        r#type: Some(controller_service_capability::Type::Rpc(controller_service_capability::Rpc { r#type: t as i32 })),
-    }
+/// ControllerGetCapabilities' answer for these RPC capabilities.
+pub fn capabilities_response(
+    types: &[controller_service_capability::rpc::Type],
+) -> csi::ControllerGetCapabilitiesResponse {
+    let capabilities = types
+        .iter()
+        .map(|t| csi::ControllerServiceCapability {
+            r#type: Some(controller_service_capability::Type::Rpc(controller_service_capability::Rpc {
+                r#type: *t as i32,
+            })),
+        })
+        .collect();
+    csi::ControllerGetCapabilitiesResponse { capabilities }
 }
 
 #[tonic::async_trait]
@@ -119,20 +124,25 @@ impl Controller for ControllerService {
     ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
         const METHOD: &str = "CreateVolume";
         let req = request.into_inner();
+        let rpc = &self.rpc;
         if req.name.is_empty() {
-            return Err(rpc::invalid(METHOD, "name is required"));
+            return Err(rpc.invalid(METHOD, "", "name is required"));
         }
-        let capabilities = Capability::parse_all(&req.volume_capabilities).map_err(|e| rpc::refused(METHOD, e))?;
-        let parameters = VolumeParameters::parse(&req.parameters).map_err(|e| rpc::refused(METHOD, e))?;
-        let mutable_parameters =
-            MutableParameters::parse(&req.mutable_parameters).map_err(|e| rpc::refused(METHOD, e))?;
+        let refuse = |e| rpc.refuse(METHOD, &req.name, e);
+        let capabilities = Capability::parse_all(&req.volume_capabilities).map_err(refuse)?;
+        let parameters = ClassParameters::parse(&req.parameters).map_err(refuse)?.volume_parameters();
+        let mutable_parameters = MutableParameters::parse(&req.mutable_parameters).map_err(refuse)?;
         use csi::volume_content_source::Type;
         let content_source = match req.volume_content_source.as_ref().map(|s| s.r#type.as_ref()) {
             None => None,
             Some(Some(Type::Snapshot(s))) => Some(SourceRequest::Snapshot(s.snapshot_id.clone())),
             Some(Some(Type::Volume(v))) => Some(SourceRequest::Volume(v.volume_id.clone())),
             Some(None) => {
-                return Err(rpc::invalid(METHOD, "volume_content_source names neither a snapshot nor a volume"));
+                return Err(rpc.invalid(
+                    METHOD,
+                    &req.name,
+                    "volume_content_source names neither a snapshot nor a volume",
+                ));
             }
         };
         let capacity = req.capacity_range.unwrap_or_default();
@@ -147,7 +157,7 @@ impl Controller for ControllerService {
             mutable_parameters,
         };
         let engine = Arc::clone(&self.engine);
-        let record = rpc::run(METHOD, &req.name, move || engine.create_volume(&request)).await?;
+        let record = rpc.blocking(METHOD, &req.name, move || engine.create_volume(&request)).await?;
         Ok(Response::new(csi::CreateVolumeResponse { volume: Some(to_csi_volume(&record, self.engine.node_id())) }))
     }
 
@@ -158,7 +168,7 @@ impl Controller for ControllerService {
         let id = request.into_inner().volume_id;
         let engine = Arc::clone(&self.engine);
         let volume_id = id.clone();
-        rpc::run("DeleteVolume", &id, move || engine.delete_volume(&volume_id)).await?;
+        self.rpc.blocking("DeleteVolume", &id, move || engine.delete_volume(&volume_id)).await?;
         Ok(Response::new(csi::DeleteVolumeResponse {}))
     }
 
@@ -166,14 +176,14 @@ impl Controller for ControllerService {
         &self,
         _: Request<csi::ControllerPublishVolumeRequest>,
     ) -> Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
-        Err(Status::unimplemented("plinth volumes need no controller publish (attachRequired: false)"))
+        Err(self.rpc.refuse("ControllerPublishVolume", "", no_attach()))
     }
 
     async fn controller_unpublish_volume(
         &self,
         _: Request<csi::ControllerUnpublishVolumeRequest>,
     ) -> Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
-        Err(Status::unimplemented("plinth volumes need no controller unpublish (attachRequired: false)"))
+        Err(self.rpc.refuse("ControllerUnpublishVolume", "", no_attach()))
     }
 
     async fn validate_volume_capabilities(
@@ -183,28 +193,20 @@ impl Controller for ControllerService {
         const METHOD: &str = "ValidateVolumeCapabilities";
         let req = request.into_inner();
         if req.volume_id.is_empty() {
-            return Err(rpc::invalid(METHOD, "volume_id is required"));
+            return Err(self.rpc.invalid(METHOD, "", "volume_id is required"));
         }
         if req.volume_capabilities.is_empty() {
-            return Err(rpc::invalid(METHOD, "volume_capabilities is required"));
+            return Err(self.rpc.invalid(METHOD, &req.volume_id, "volume_capabilities is required"));
         }
         let engine = Arc::clone(&self.engine);
         let id = req.volume_id.clone();
-        let record = rpc::run(METHOD, &req.volume_id, move || {
-            engine.volume(&id)?.ok_or_else(|| Error::NotFound(format!("volume {id:?} does not exist")))
-        })
-        .await?;
-        let verdict = (|| -> plinth_engine::Result<()> {
-            let params = VolumeParameters::parse(&req.parameters)?;
-            if params.fs_type.is_some() && params.fs_type != record.layout.fs_type() {
-                return Err(Error::InvalidArgument("parameter fsType does not match the volume".into()));
-            }
-            MutableParameters::parse(&req.mutable_parameters)?;
-            for cap in Capability::parse_all(&req.volume_capabilities)? {
-                cap.check_layout(record.layout)?;
-            }
-            Ok(())
-        })();
+        let record = self
+            .rpc
+            .blocking(METHOD, &req.volume_id, move || {
+                engine.volume(&id)?.ok_or_else(|| Error::NotFound(format!("volume {id:?} does not exist")))
+            })
+            .await?;
+        let verdict = check_capabilities(&req, record.layout);
         Ok(Response::new(validation_response(req, verdict)))
     }
 
@@ -214,23 +216,25 @@ impl Controller for ControllerService {
     ) -> Result<Response<csi::ListVolumesResponse>, Status> {
         let req = request.into_inner();
         let engine = Arc::clone(&self.engine);
-        let entries = rpc::run("ListVolumes", "", move || {
-            let (records, next_token) = engine.list_volumes(&req.starting_token, req.max_entries)?;
-            let conditions = engine.volume_conditions(&records)?;
-            let mut entries = Vec::with_capacity(records.len());
-            for (record, message) in records.iter().zip(conditions) {
-                let status = csi::list_volumes_response::VolumeStatus {
-                    published_node_ids: Vec::new(),
-                    volume_condition: Some(condition(message)),
-                };
-                entries.push(csi::list_volumes_response::Entry {
-                    volume: Some(to_csi_volume(record, engine.node_id())),
-                    status: Some(status),
-                });
-            }
-            Ok(csi::ListVolumesResponse { entries, next_token })
-        })
-        .await?;
+        let entries = self
+            .rpc
+            .blocking("ListVolumes", "", move || {
+                let (records, next_token) = engine.list_volumes(&req.starting_token, req.max_entries)?;
+                let conditions = engine.volume_conditions(&records)?;
+                let mut entries = Vec::with_capacity(records.len());
+                for (record, message) in records.iter().zip(conditions) {
+                    let status = csi::list_volumes_response::VolumeStatus {
+                        published_node_ids: Vec::new(),
+                        volume_condition: Some(condition(message)),
+                    };
+                    entries.push(csi::list_volumes_response::Entry {
+                        volume: Some(to_csi_volume(record, engine.node_id())),
+                        status: Some(status),
+                    });
+                }
+                Ok::<_, Error>(csi::ListVolumesResponse { entries, next_token })
+            })
+            .await?;
         Ok(Response::new(entries))
     }
 
@@ -239,10 +243,10 @@ impl Controller for ControllerService {
         request: Request<csi::GetCapacityRequest>,
     ) -> Result<Response<csi::GetCapacityResponse>, Status> {
         let req = request.into_inner();
-        let parameters = VolumeParameters::parse(&req.parameters).map_err(|e| rpc::refused("GetCapacity", e))?;
-        let for_node = req.accessible_topology.as_ref().and_then(|t| t.segments.get(TOPOLOGY_NODE_KEY).cloned());
+        let parameters = ClassParameters::parse(&req.parameters).map_err(|e| self.rpc.refuse("GetCapacity", "", e))?;
+        let for_node = req.accessible_topology.as_ref().and_then(node_of).map(str::to_owned);
         let engine = Arc::clone(&self.engine);
-        let capacity = rpc::run("GetCapacity", "", move || engine.capacity(for_node.as_deref())).await?;
+        let capacity = self.rpc.blocking("GetCapacity", "", move || engine.capacity(for_node.as_deref())).await?;
         let minimum = parameters.fs_type.map_or(plinth_engine::size::MIB, |fs| fs.minimum_bytes());
         let available = capacity.available_bytes.min(i64::MAX as u64) as i64;
         Ok(Response::new(csi::GetCapacityResponse {
@@ -257,7 +261,7 @@ impl Controller for ControllerService {
         _: Request<csi::ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
         use controller_service_capability::rpc::Type;
-        let capabilities = [
+        Ok(Response::new(capabilities_response(&[
             Type::CreateDeleteVolume,
             Type::ListVolumes,
             Type::GetCapacity,
@@ -270,11 +274,7 @@ impl Controller for ControllerService {
             Type::GetVolume,
             Type::SingleNodeMultiWriter,
             Type::ModifyVolume,
-        ]
-        .into_iter()
-        .map(rpc_capability)
-        .collect();
-        Ok(Response::new(csi::ControllerGetCapabilitiesResponse { capabilities }))
+        ])))
     }
 
     async fn create_snapshot(
@@ -282,11 +282,14 @@ impl Controller for ControllerService {
         request: Request<csi::CreateSnapshotRequest>,
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
         let req = request.into_inner();
-        check_snapshot_parameters(&req.parameters).map_err(|e| rpc::refused("CreateSnapshot", e))?;
+        check_snapshot_parameters(&req.parameters)
+            .map_err(|e| self.rpc.refuse("CreateSnapshot", &req.source_volume_id, e))?;
         let engine = Arc::clone(&self.engine);
         let (name, source) = (req.name.clone(), req.source_volume_id.clone());
-        let record =
-            rpc::run("CreateSnapshot", &req.source_volume_id, move || engine.create_snapshot(&name, &source)).await?;
+        let record = self
+            .rpc
+            .blocking("CreateSnapshot", &req.source_volume_id, move || engine.create_snapshot(&name, &source))
+            .await?;
         Ok(Response::new(csi::CreateSnapshotResponse { snapshot: Some(to_csi_snapshot(&record)) }))
     }
 
@@ -297,7 +300,7 @@ impl Controller for ControllerService {
         let id = request.into_inner().snapshot_id;
         let engine = Arc::clone(&self.engine);
         let snapshot_id = id.clone();
-        rpc::run("DeleteSnapshot", &id, move || engine.delete_snapshot(&snapshot_id)).await?;
+        self.rpc.blocking("DeleteSnapshot", &id, move || engine.delete_snapshot(&snapshot_id)).await?;
         Ok(Response::new(csi::DeleteSnapshotResponse {}))
     }
 
@@ -307,10 +310,12 @@ impl Controller for ControllerService {
     ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
         let req = request.into_inner();
         let engine = Arc::clone(&self.engine);
-        let (records, next_token) = rpc::run("ListSnapshots", "", move || {
-            engine.list_snapshots(&req.starting_token, req.max_entries, &req.snapshot_id, &req.source_volume_id)
-        })
-        .await?;
+        let (records, next_token) = self
+            .rpc
+            .blocking("ListSnapshots", "", move || {
+                engine.list_snapshots(&req.starting_token, req.max_entries, &req.snapshot_id, &req.source_volume_id)
+            })
+            .await?;
         let entries = records
             .iter()
             .map(|r| csi::list_snapshots_response::Entry { snapshot: Some(to_csi_snapshot(r)) })
@@ -325,7 +330,7 @@ impl Controller for ControllerService {
         let id = request.into_inner().snapshot_id;
         let engine = Arc::clone(&self.engine);
         let snapshot_id = id.clone();
-        let record = rpc::run("GetSnapshot", &id, move || engine.snapshot(&snapshot_id)).await?;
+        let record = self.rpc.blocking("GetSnapshot", &id, move || engine.snapshot(&snapshot_id)).await?;
         Ok(Response::new(csi::GetSnapshotResponse { snapshot: Some(to_csi_snapshot(&record)) }))
     }
 
@@ -336,15 +341,18 @@ impl Controller for ControllerService {
         const METHOD: &str = "ControllerExpandVolume";
         let req = request.into_inner();
         if req.volume_id.is_empty() {
-            return Err(rpc::invalid(METHOD, "volume_id is required"));
+            return Err(self.rpc.invalid(METHOD, "", "volume_id is required"));
         }
-        let range = req.capacity_range.ok_or_else(|| rpc::invalid(METHOD, "capacity_range is required"))?;
+        let range =
+            req.capacity_range.ok_or_else(|| self.rpc.invalid(METHOD, &req.volume_id, "capacity_range is required"))?;
         let engine = Arc::clone(&self.engine);
         let id = req.volume_id.clone();
-        let (capacity, node_expansion_required) = rpc::run(METHOD, &req.volume_id, move || {
-            engine.expand_volume(&id, range.required_bytes, range.limit_bytes)
-        })
-        .await?;
+        let (capacity, node_expansion_required) = self
+            .rpc
+            .blocking(METHOD, &req.volume_id, move || {
+                engine.expand_volume(&id, range.required_bytes, range.limit_bytes)
+            })
+            .await?;
         Ok(Response::new(csi::ControllerExpandVolumeResponse {
             capacity_bytes: capacity as i64,
             node_expansion_required,
@@ -358,25 +366,27 @@ impl Controller for ControllerService {
         const METHOD: &str = "ControllerGetVolume";
         let id = request.into_inner().volume_id;
         if id.is_empty() {
-            return Err(rpc::invalid(METHOD, "volume_id is required"));
+            return Err(self.rpc.invalid(METHOD, "", "volume_id is required"));
         }
         let engine = Arc::clone(&self.engine);
         let volume_id = id.clone();
-        let response = rpc::run(METHOD, &id, move || {
-            let record = engine
-                .volume(&volume_id)?
-                .ok_or_else(|| Error::NotFound(format!("volume {volume_id:?} does not exist")))?;
-            let published_node_ids =
-                if record.staged.is_some() { vec![engine.node_id().to_owned()] } else { Vec::new() };
-            Ok(csi::ControllerGetVolumeResponse {
-                volume: Some(to_csi_volume(&record, engine.node_id())),
-                status: Some(csi::controller_get_volume_response::VolumeStatus {
-                    published_node_ids,
-                    volume_condition: Some(condition(engine.volume_condition(&record)?)),
-                }),
+        let response = self
+            .rpc
+            .blocking(METHOD, &id, move || {
+                let record = engine
+                    .volume(&volume_id)?
+                    .ok_or_else(|| Error::NotFound(format!("volume {volume_id:?} does not exist")))?;
+                let published_node_ids =
+                    if record.staged.is_some() { vec![engine.node_id().to_owned()] } else { Vec::new() };
+                Ok::<_, Error>(csi::ControllerGetVolumeResponse {
+                    volume: Some(to_csi_volume(&record, engine.node_id())),
+                    status: Some(csi::controller_get_volume_response::VolumeStatus {
+                        published_node_ids,
+                        volume_condition: Some(condition(engine.volume_condition(&record)?)),
+                    }),
+                })
             })
-        })
-        .await?;
+            .await?;
         Ok(Response::new(response))
     }
 
@@ -387,12 +397,13 @@ impl Controller for ControllerService {
         const METHOD: &str = "ControllerModifyVolume";
         let req = request.into_inner();
         if req.volume_id.is_empty() {
-            return Err(rpc::invalid(METHOD, "volume_id is required"));
+            return Err(self.rpc.invalid(METHOD, "", "volume_id is required"));
         }
-        let changes = MutableParameters::parse(&req.mutable_parameters).map_err(|e| rpc::refused(METHOD, e))?;
+        let changes = MutableParameters::parse(&req.mutable_parameters)
+            .map_err(|e| self.rpc.refuse(METHOD, &req.volume_id, e))?;
         let engine = Arc::clone(&self.engine);
         let id = req.volume_id.clone();
-        rpc::run(METHOD, &req.volume_id, move || engine.modify_volume(&id, changes)).await?;
+        self.rpc.blocking(METHOD, &req.volume_id, move || engine.modify_volume(&id, changes)).await?;
         Ok(Response::new(csi::ControllerModifyVolumeResponse {}))
     }
 }

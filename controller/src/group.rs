@@ -10,15 +10,16 @@ use plinth_proto::csi_v1::{
 use tonic::{Request, Response, Status};
 
 use crate::controller::to_csi_snapshot;
-use crate::rpc;
+use crate::rpc::Rpc;
 
 pub struct GroupControllerService {
     engine: Arc<Engine>,
+    rpc: Rpc,
 }
 
 impl GroupControllerService {
-    pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+    pub fn new(engine: Arc<Engine>, rpc: Rpc) -> Self {
+        Self { engine, rpc }
     }
 }
 
@@ -53,12 +54,14 @@ impl GroupController for GroupControllerService {
         request: Request<csi::CreateVolumeGroupSnapshotRequest>,
     ) -> Result<Response<csi::CreateVolumeGroupSnapshotResponse>, Status> {
         let req = request.into_inner();
-        check_snapshot_parameters(&req.parameters).map_err(|e| rpc::refused("CreateVolumeGroupSnapshot", e))?;
+        check_snapshot_parameters(&req.parameters).map_err(|e| self.rpc.refuse("CreateVolumeGroupSnapshot", "", e))?;
         let engine = Arc::clone(&self.engine);
-        let (group, members) = rpc::run("CreateVolumeGroupSnapshot", "", move || {
-            engine.create_group_snapshot(&req.name, &req.source_volume_ids)
-        })
-        .await?;
+        let (group, members) = self
+            .rpc
+            .blocking("CreateVolumeGroupSnapshot", "", move || {
+                engine.create_group_snapshot(&req.name, &req.source_volume_ids)
+            })
+            .await?;
         Ok(Response::new(csi::CreateVolumeGroupSnapshotResponse {
             group_snapshot: Some(to_csi_group(&group, &members)),
         }))
@@ -70,10 +73,11 @@ impl GroupController for GroupControllerService {
     ) -> Result<Response<csi::DeleteVolumeGroupSnapshotResponse>, Status> {
         let req = request.into_inner();
         let engine = Arc::clone(&self.engine);
-        rpc::run("DeleteVolumeGroupSnapshot", "", move || {
-            engine.delete_group_snapshot(&req.group_snapshot_id, &req.snapshot_ids)
-        })
-        .await?;
+        self.rpc
+            .blocking("DeleteVolumeGroupSnapshot", "", move || {
+                engine.delete_group_snapshot(&req.group_snapshot_id, &req.snapshot_ids)
+            })
+            .await?;
         Ok(Response::new(csi::DeleteVolumeGroupSnapshotResponse {}))
     }
 
@@ -83,10 +87,12 @@ impl GroupController for GroupControllerService {
     ) -> Result<Response<csi::GetVolumeGroupSnapshotResponse>, Status> {
         let req = request.into_inner();
         let engine = Arc::clone(&self.engine);
-        let (group, members) = rpc::run("GetVolumeGroupSnapshot", "", move || {
-            engine.group_snapshot(&req.group_snapshot_id, &req.snapshot_ids)
-        })
-        .await?;
+        let (group, members) = self
+            .rpc
+            .blocking("GetVolumeGroupSnapshot", "", move || {
+                engine.group_snapshot(&req.group_snapshot_id, &req.snapshot_ids)
+            })
+            .await?;
         Ok(Response::new(csi::GetVolumeGroupSnapshotResponse { group_snapshot: Some(to_csi_group(&group, &members)) }))
     }
 }

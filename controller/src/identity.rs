@@ -16,12 +16,15 @@ pub const MANIFEST_STAGING_ROOT: &str = "plinth.csi.dev/staging-root";
 /// Manifest key: the pool directory holding the images.
 pub const MANIFEST_POOL: &str = "plinth.csi.dev/pool";
 
+use crate::rpc::Rpc;
+
 pub struct IdentityService {
     /// The local pool to probe; `None` for the cluster controller, which owns no pool.
     engine: Option<Arc<Engine>>,
     serves_controller: bool,
     serves_node: bool,
     manifest: HashMap<String, String>,
+    rpc: Rpc,
 }
 
 impl IdentityService {
@@ -30,8 +33,9 @@ impl IdentityService {
         serves_controller: bool,
         serves_node: bool,
         manifest: HashMap<String, String>,
+        rpc: Rpc,
     ) -> Self {
-        Self { engine, serves_controller, serves_node, manifest }
+        Self { engine, serves_controller, serves_node, manifest, rpc }
     }
 }
 
@@ -77,7 +81,7 @@ impl Identity for IdentityService {
             return Ok(Response::new(ProbeResponse { ready: Some(true) }));
         };
         let node = self.serves_node;
-        crate::rpc::run("Probe", "", move || engine.probe(node)).await?;
+        self.rpc.blocking("Probe", "", move || engine.probe(node)).await?;
         Ok(Response::new(ProbeResponse { ready: Some(true) }))
     }
 }

@@ -1,7 +1,6 @@
-//! Prometheus metrics, shared process-wide: the RPC boundary and the reconcilers record here,
-//! the HTTP endpoint encodes it.
-
-use std::sync::LazyLock;
+//! Prometheus metrics: one `Metrics` per process, made by the binary and handed to whatever
+//! records (the RPC boundary, the reconcilers) and to the HTTP endpoint that encodes it. No
+//! global: tests and embedders get their own registry.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -46,26 +45,33 @@ fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
-    let mut registry = Registry::with_prefix("plinth");
-    let rpc_requests = Family::<RpcLabels, Counter>::default();
-    let rpc_duration = Family::<MethodLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
-    let pool_bytes = Family::<StateLabels, Gauge>::default();
-    let volumes = Family::<StateLabels, Gauge>::default();
-    let reconciles = Family::<ReconcileLabels, Counter>::default();
-    registry.register("rpc_requests", "CSI RPCs served, by method and gRPC code", rpc_requests.clone());
-    registry.register("rpc_duration_seconds", "CSI RPC latency", rpc_duration.clone());
-    registry.register(
-        "pool_bytes",
-        "Pool capacity: available, provisioned, allocated, filesystem_total",
-        pool_bytes.clone(),
-    );
-    registry.register("volumes", "Volumes on this node by state (created, staged, published)", volumes.clone());
-    registry.register("reconciles", "Reconcile runs by controller and result", reconciles.clone());
-    Metrics { rpc_requests, rpc_duration, pool_bytes, volumes, reconciles, registry }
-});
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("plinth");
+        let rpc_requests = Family::<RpcLabels, Counter>::default();
+        let rpc_duration =
+            Family::<MethodLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let pool_bytes = Family::<StateLabels, Gauge>::default();
+        let volumes = Family::<StateLabels, Gauge>::default();
+        let reconciles = Family::<ReconcileLabels, Counter>::default();
+        registry.register("rpc_requests", "CSI RPCs served, by method and gRPC code", rpc_requests.clone());
+        registry.register("rpc_duration_seconds", "CSI RPC latency", rpc_duration.clone());
+        registry.register(
+            "pool_bytes",
+            "Pool capacity: available, provisioned, allocated, filesystem_total",
+            pool_bytes.clone(),
+        );
+        registry.register("volumes", "Volumes on this node by state (created, staged, published)", volumes.clone());
+        registry.register("reconciles", "Reconcile runs by controller and result", reconciles.clone());
+        Metrics { rpc_requests, rpc_duration, pool_bytes, volumes, reconciles, registry }
+    }
+
     pub fn record_rpc(&self, method: &str, code: tonic::Code, seconds: f64) {
         self.rpc_requests.get_or_create(&RpcLabels { method: method.to_owned(), code: format!("{code:?}") }).inc();
         self.rpc_duration.get_or_create(&MethodLabels { method: method.to_owned() }).observe(seconds);
@@ -91,5 +97,21 @@ impl Metrics {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String");
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_registry_counts_only_its_own() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        a.record_rpc("CreateVolume", tonic::Code::Aborted, 0.5);
+        a.record_reconcile("claims", false);
+        let text = a.encode();
+        assert!(text.contains(r#"plinth_rpc_requests_total{method="CreateVolume",code="Aborted"} 1"#), "{text}");
+        assert!(text.contains(r#"plinth_reconciles_total{controller="claims",result="error"} 1"#), "{text}");
+        assert!(!b.encode().contains("CreateVolume"), "a second registry is independent");
     }
 }

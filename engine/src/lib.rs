@@ -3,6 +3,8 @@
 
 pub mod caps;
 pub mod error;
+pub mod failpoint;
+pub mod host;
 pub mod ids;
 pub mod locks;
 pub mod mkfsopts;
@@ -15,16 +17,18 @@ pub mod pool;
 pub mod size;
 pub mod snapshots;
 pub mod store;
+pub mod support;
 pub mod sys;
 pub mod volumes;
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 pub use error::{Error, Result};
 pub use ids::VolumeId;
 
 use error::Context;
+use host::{Host, SystemHost};
 use locks::OperationLocks;
 use paths::PathPolicy;
 use pool::Pool;
@@ -48,6 +52,8 @@ pub struct EngineConfig {
 
 #[derive(Debug)]
 pub struct Engine {
+    /// The machine: loop devices, mounts, filesystems. The only way the engine touches them.
+    host: Arc<dyn Host>,
     node_id: String,
     data_dir: PathBuf,
     pool: Pool,
@@ -83,7 +89,7 @@ impl Engine {
     /// Promises `bytes` of the pool, or RESOURCE_EXHAUSTED with `what` explaining the need.
     pub(crate) fn reserve(&self, bytes: u64, what: impl FnOnce() -> String) -> Result<Reservation<'_>> {
         let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
-        let capacity = self.pool.capacity(&self.store.list()?)?;
+        let capacity = self.pool_capacity()?;
         let available = capacity.available_bytes.saturating_sub(*reserved);
         if bytes > available {
             return Err(Error::ResourceExhausted(format!(
@@ -95,7 +101,22 @@ impl Engine {
         Ok(Reservation { reserved: &self.reserved, bytes })
     }
 
+    /// The pool's capacity figures, from its records and its filesystem's free space.
+    pub(crate) fn pool_capacity(&self) -> Result<pool::Capacity> {
+        let usage = self
+            .host
+            .statfs(self.pool.dir())
+            .map_err(|e| Error::internal(format!("statfs {}", self.pool.dir().display()), e))?;
+        Ok(self.pool.capacity(&self.store.list()?, usage))
+    }
+
+    /// An engine on this machine.
     pub fn open(config: EngineConfig) -> Result<Self> {
+        Self::open_with_host(config, Arc::new(SystemHost))
+    }
+
+    /// An engine on the given host (tests use `host::fake::FakeHost`).
+    pub fn open_with_host(config: EngineConfig, host: Arc<dyn Host>) -> Result<Self> {
         let data_dir = config.data_dir.clone();
         std::fs::create_dir_all(&data_dir).context(|| format!("creating data dir {}", data_dir.display()))?;
         let pool = Pool::open(data_dir.join("pool"), config.pool_capacity)
@@ -109,6 +130,7 @@ impl Engine {
         let paths = PathPolicy::new(config.allowed_roots.iter().cloned())
             .context(|| format!("preparing allowed roots {:?}", config.allowed_roots))?;
         Ok(Self {
+            host,
             node_id: config.node_id,
             data_dir,
             pool,
@@ -155,7 +177,7 @@ impl Engine {
         if !self.pool.writable() {
             return Err(Error::FailedPrecondition(format!("pool {} is not writable", self.pool.dir().display())));
         }
-        if node_duty && !sys::loopdev::control_available() {
+        if node_duty && !self.host.loop_control_available() {
             return Err(Error::FailedPrecondition(
                 "/dev/loop-control cannot be opened: loop devices unavailable".into(),
             ));

@@ -9,7 +9,7 @@ use crate::error::{Context, Error, Result};
 use crate::ids::{SnapshotId, VolumeId};
 use crate::model::{Provisioning, VolumeRecord};
 use crate::sys::copy::{self, CopyMethod};
-use crate::sys::statfs;
+use crate::sys::statfs::FsUsage;
 
 const PARTIAL_SUFFIX: &str = ".img.partial";
 const SNAPSHOT_DIR: &str = "snapshots";
@@ -160,16 +160,16 @@ impl Pool {
         std::fs::metadata(self.image_path(id)).map(|m| m.blocks() * 512).unwrap_or(0)
     }
 
-    pub fn capacity(&self, records: &[VolumeRecord]) -> Result<Capacity> {
-        let usage = statfs::usage(&self.dir).context(|| format!("statfs {}", self.dir.display()))?;
+    /// Capacity figures for `records`, given the pool filesystem's `usage`.
+    pub fn capacity(&self, records: &[VolumeRecord], usage: FsUsage) -> Capacity {
         let volumes = records.iter().map(|r| (r.capacity_bytes, self.allocated_bytes(&r.id)));
         let (available, provisioned, allocated) = available_bytes(usage.available_bytes, volumes, self.capacity_limit);
-        Ok(Capacity {
+        Capacity {
             available_bytes: available,
             provisioned_bytes: provisioned,
             allocated_bytes: allocated,
             filesystem_total_bytes: usage.total_bytes,
-        })
+        }
     }
 
     /// Creates the image under a temporary name and renames it into place only once it has its

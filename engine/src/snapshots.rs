@@ -6,10 +6,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::Engine;
 use crate::error::{Error, Result};
+use crate::host::FrozenFs;
 use crate::ids::{GroupSnapshotId, SnapshotId, VolumeId};
 use crate::model::{GroupSnapshotRecord, SnapshotRecord, VolumeRecord};
-use crate::sys::freeze::{self, Frozen};
-use crate::sys::mountinfo::MountTable;
 
 fn now_precise() -> (i64, i32) {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -25,15 +24,16 @@ fn require(what: &str, value: &str) -> Result<()> {
 
 impl Engine {
     /// Freezes the volume's filesystem while the returned guard lives, if it is mounted here.
-    pub(crate) fn freeze_if_mounted(&self, record: &VolumeRecord) -> Result<Option<Frozen>> {
+    pub(crate) fn freeze_if_mounted(&self, record: &VolumeRecord) -> Result<Option<Box<dyn FrozenFs>>> {
         let Some(staged) = record.staged.as_ref().filter(|s| s.filesystem_mounted && !s.read_only) else {
             return Ok(None);
         };
-        let table = MountTable::read().map_err(|e| Error::internal("reading the mount table", e))?;
+        let table = self.host.mount_table().map_err(|e| Error::internal("reading the mount table", e))?;
         if !table.top_mount_at(&staged.staging_path).is_some_and(|m| m.is_from(&staged.device)) {
             return Ok(None);
         }
-        freeze::freeze(&staged.staging_path)
+        self.host
+            .freeze(&staged.staging_path)
             .map(Some)
             .map_err(|e| Error::internal(format!("quiescing {}", record.id), e))
     }

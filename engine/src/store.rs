@@ -72,6 +72,7 @@ impl<R: Record> Store<R> {
     }
 
     pub fn save(&self, record: &R) -> Result<()> {
+        crate::failpoint::check("store.save")?;
         let path = self.path(record.id());
         let bytes = serde_json::to_vec_pretty(record).context(|| format!("encoding {}", record.id()))?;
         write_atomic(&path, &bytes).context(|| format!("writing {}", path.display()))

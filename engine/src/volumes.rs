@@ -11,7 +11,6 @@ use crate::mkfsopts;
 use crate::model::{ContentSource, FsType, Layout, MutableParameters, Provisioning, VolumeParameters, VolumeRecord};
 use crate::pool::Capacity;
 use crate::size::{MIB, resolve_capacity};
-use crate::sys::loopdev;
 
 const MAX_NAME_LEN: usize = 1024;
 
@@ -134,6 +133,9 @@ impl Engine {
             Some(source) => layout_from_source(requested_layout, explicit_fs, source.layout)?,
             None => requested_layout,
         };
+        if let (Layout::Filesystem { fs_type }, None) = (layout, &source) {
+            self.require_tools(fs_type, true, false)?;
+        }
         let mkfs_options = match (&request.parameters.mkfs_options, layout) {
             (None, _) => Vec::new(),
             (Some(options), Layout::Filesystem { fs_type }) => mkfsopts::parse(options, fs_type)?,
@@ -345,10 +347,7 @@ impl Engine {
                 }
             )));
         }
-        let image = self.pool.image_path(&id);
-        if let Some(device) = loopdev::find_by_backing_file(&image)
-            .map_err(|e| Error::internal(format!("looking for loop devices of {id}"), e))?
-        {
+        if let Some(device) = self.attached_device(&id)? {
             return Err(Error::FailedPrecondition(format!(
                 "volume {id} is still attached as {}; unstage it before deleting",
                 device.path().display()
@@ -382,7 +381,7 @@ impl Engine {
 
     /// Capacity of this node's pool. `for_node` is the node a topology segment names, if any.
     pub fn capacity(&self, for_node: Option<&str>) -> Result<Capacity> {
-        let capacity = self.pool.capacity(&self.store.list()?)?;
+        let capacity = self.pool_capacity()?;
         if for_node.is_some_and(|n| n != self.node_id) {
             return Ok(Capacity { available_bytes: 0, ..capacity });
         }

@@ -1,29 +1,56 @@
-//! CSI Node service: turns stage/publish requests into engine operations.
+//! CSI Node service: turns stage/publish requests into engine operations; and the node's local
+//! API (`plinth.v1.Local`) for the CLI.
+
+mod local;
+
+pub use local::LocalService;
 
 use std::sync::Arc;
 
 use plinth_controller::controller::node_topology;
-use plinth_controller::rpc;
-use plinth_engine::Engine;
+use plinth_controller::rpc::Rpc;
 use plinth_engine::caps::Capability;
 use plinth_engine::node::VolumeStats;
+use plinth_engine::{Engine, Error, VolumeId};
 use plinth_proto::csi_v1::{self as csi, node_server::Node, node_service_capability, volume_usage};
 use tonic::{Request, Response, Status};
 
 pub struct NodeService {
     engine: Arc<Engine>,
+    rpc: Rpc,
     max_volumes_per_node: i64,
 }
 
 impl NodeService {
-    pub fn new(engine: Arc<Engine>, max_volumes_per_node: i64) -> Self {
-        Self { engine, max_volumes_per_node }
+    pub fn new(engine: Arc<Engine>, rpc: Rpc, max_volumes_per_node: i64) -> Self {
+        Self { engine, rpc, max_volumes_per_node }
     }
-}
 
-fn capability(method: &'static str, cap: Option<&csi::VolumeCapability>) -> Result<Capability, Status> {
-    let cap = cap.ok_or_else(|| rpc::invalid(method, "volume_capability is required"))?;
-    Capability::parse(cap).map_err(|e| rpc::refused(method, e))
+    /// The request's volume: required, and an ID this node never issued is NOT_FOUND.
+    fn volume_id(&self, method: &'static str, raw: &str) -> Result<VolumeId, Status> {
+        self.required(method, raw, "volume_id", raw)?;
+        VolumeId::parse(raw).ok_or_else(|| {
+            let node = self.engine.node_id();
+            self.rpc.refuse(method, raw, Error::NotFound(format!("volume {raw:?} does not exist on node {node}")))
+        })
+    }
+
+    fn required(&self, method: &'static str, volume_id: &str, what: &str, value: &str) -> Result<(), Status> {
+        if value.is_empty() {
+            return Err(self.rpc.invalid(method, volume_id, format!("{what} is required")));
+        }
+        Ok(())
+    }
+
+    fn capability(
+        &self,
+        method: &'static str,
+        volume_id: &str,
+        cap: Option<&csi::VolumeCapability>,
+    ) -> Result<Capability, Status> {
+        let cap = cap.ok_or_else(|| self.rpc.invalid(method, volume_id, "volume_capability is required"))?;
+        Capability::parse(cap).map_err(|e| self.rpc.refuse(method, volume_id, e))
+    }
 }
 
 fn usage(unit: volume_usage::Unit, total: u64, available: u64, used: u64) -> csi::VolumeUsage {
@@ -39,13 +66,12 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
         const METHOD: &str = "NodeStageVolume";
         let req = request.into_inner();
-        if req.volume_id.is_empty() {
-            return Err(rpc::invalid(METHOD, "volume_id is required"));
-        }
-        let cap = capability(METHOD, req.volume_capability.as_ref())?;
+        let id = self.volume_id(METHOD, &req.volume_id)?;
+        self.required(METHOD, &req.volume_id, "staging_target_path", &req.staging_target_path)?;
+        let cap = self.capability(METHOD, &req.volume_id, req.volume_capability.as_ref())?;
         let engine = Arc::clone(&self.engine);
-        let (id, staging) = (req.volume_id.clone(), req.staging_target_path);
-        rpc::run(METHOD, &req.volume_id, move || engine.stage_volume(&id, &staging, &cap)).await?;
+        let staging = req.staging_target_path;
+        self.rpc.blocking(METHOD, &req.volume_id, move || engine.stage_volume(&id, &staging, &cap)).await?;
         Ok(Response::new(csi::NodeStageVolumeResponse {}))
     }
 
@@ -53,10 +79,13 @@ impl Node for NodeService {
         &self,
         request: Request<csi::NodeUnstageVolumeRequest>,
     ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
+        const METHOD: &str = "NodeUnstageVolume";
         let req = request.into_inner();
+        let id = self.volume_id(METHOD, &req.volume_id)?;
+        self.required(METHOD, &req.volume_id, "staging_target_path", &req.staging_target_path)?;
         let engine = Arc::clone(&self.engine);
-        let (id, staging) = (req.volume_id.clone(), req.staging_target_path);
-        rpc::run("NodeUnstageVolume", &req.volume_id, move || engine.unstage_volume(&id, &staging)).await?;
+        let staging = req.staging_target_path;
+        self.rpc.blocking(METHOD, &req.volume_id, move || engine.unstage_volume(&id, &staging)).await?;
         Ok(Response::new(csi::NodeUnstageVolumeResponse {}))
     }
 
@@ -66,17 +95,15 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
         const METHOD: &str = "NodePublishVolume";
         let req = request.into_inner();
-        if req.volume_id.is_empty() {
-            return Err(rpc::invalid(METHOD, "volume_id is required"));
-        }
-        if req.target_path.is_empty() {
-            return Err(rpc::invalid(METHOD, "target_path is required"));
-        }
-        let cap = capability(METHOD, req.volume_capability.as_ref())?;
+        let id = self.volume_id(METHOD, &req.volume_id)?;
+        self.required(METHOD, &req.volume_id, "target_path", &req.target_path)?;
+        let cap = self.capability(METHOD, &req.volume_id, req.volume_capability.as_ref())?;
+        self.required(METHOD, &req.volume_id, "staging_target_path", &req.staging_target_path)?;
         let engine = Arc::clone(&self.engine);
-        let (id, staging, target, readonly) =
-            (req.volume_id.clone(), req.staging_target_path, req.target_path, req.readonly);
-        rpc::run(METHOD, &req.volume_id, move || engine.publish_volume(&id, &staging, &target, &cap, readonly)).await?;
+        let (staging, target, readonly) = (req.staging_target_path, req.target_path, req.readonly);
+        self.rpc
+            .blocking(METHOD, &req.volume_id, move || engine.publish_volume(&id, &staging, &target, &cap, readonly))
+            .await?;
         Ok(Response::new(csi::NodePublishVolumeResponse {}))
     }
 
@@ -84,10 +111,13 @@ impl Node for NodeService {
         &self,
         request: Request<csi::NodeUnpublishVolumeRequest>,
     ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
+        const METHOD: &str = "NodeUnpublishVolume";
         let req = request.into_inner();
+        let id = self.volume_id(METHOD, &req.volume_id)?;
+        self.required(METHOD, &req.volume_id, "target_path", &req.target_path)?;
         let engine = Arc::clone(&self.engine);
-        let (id, target) = (req.volume_id.clone(), req.target_path);
-        rpc::run("NodeUnpublishVolume", &req.volume_id, move || engine.unpublish_volume(&id, &target)).await?;
+        let target = req.target_path;
+        self.rpc.blocking(METHOD, &req.volume_id, move || engine.unpublish_volume(&id, &target)).await?;
         Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
     }
 
@@ -95,11 +125,14 @@ impl Node for NodeService {
         &self,
         request: Request<csi::NodeGetVolumeStatsRequest>,
     ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
+        const METHOD: &str = "NodeGetVolumeStats";
         let req = request.into_inner();
+        let id = self.volume_id(METHOD, &req.volume_id)?;
+        self.required(METHOD, &req.volume_id, "volume_path", &req.volume_path)?;
         let engine = Arc::clone(&self.engine);
-        let (id, path) = (req.volume_id.clone(), req.volume_path);
+        let path = req.volume_path;
         let (stats, condition) =
-            rpc::run("NodeGetVolumeStats", &req.volume_id, move || engine.volume_stats(&id, &path)).await?;
+            self.rpc.blocking(METHOD, &req.volume_id, move || engine.volume_stats(&id, &path)).await?;
         let usage = match stats {
             VolumeStats::Filesystem(fs) => vec![
                 usage(volume_usage::Unit::Bytes, fs.total_bytes, fs.available_bytes, fs.used_bytes()),
@@ -124,14 +157,16 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
         const METHOD: &str = "NodeExpandVolume";
         let req = request.into_inner();
+        let id = self.volume_id(METHOD, &req.volume_id)?;
+        self.required(METHOD, &req.volume_id, "volume_path", &req.volume_path)?;
         if let Some(cap) = req.volume_capability.as_ref() {
-            Capability::parse(cap).map_err(|e| rpc::refused(METHOD, e))?;
+            Capability::parse(cap).map_err(|e| self.rpc.refuse(METHOD, &req.volume_id, e))?;
         }
         let engine = Arc::clone(&self.engine);
         let required = req.capacity_range.map_or(0, |r| r.required_bytes);
-        let (id, path) = (req.volume_id.clone(), req.volume_path);
+        let path = req.volume_path;
         let capacity =
-            rpc::run(METHOD, &req.volume_id, move || engine.node_expand_volume(&id, &path, required)).await?;
+            self.rpc.blocking(METHOD, &req.volume_id, move || engine.node_expand_volume(&id, &path, required)).await?;
         Ok(Response::new(csi::NodeExpandVolumeResponse { capacity_bytes: capacity as i64 }))
     }
 

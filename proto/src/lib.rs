@@ -15,6 +15,12 @@ pub mod pluginregistration {
     tonic::include_proto!("pluginregistration");
 }
 
+/// plinth's local API (`plinth.v1.Local`): what the CLI needs beyond CSI.
+#[allow(clippy::all, clippy::pedantic)]
+pub mod local {
+    tonic::include_proto!("plinth.v1");
+}
+
 /// The CSI driver name every plinth component reports.
 pub const DRIVER_NAME: &str = "plinth.csi.dev";
 /// Topology key that pins a volume to the node whose pool holds it.

@@ -14,7 +14,8 @@ use plinth_proto::csi_v1::{
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
-/// Integration tests need root (loop devices, mount). CI runs as root; elsewhere they skip loudly.
+/// Integration tests need root (loop devices, mount). They are #[ignore]d by default, so a plain
+/// `cargo test` lists them as ignored; tests/run-all.sh runs them as root with `--include-ignored`.
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
@@ -22,10 +23,9 @@ pub fn is_root() -> bool {
 #[macro_export]
 macro_rules! require_root {
     () => {
-        if !$crate::is_root() {
-            eprintln!("SKIPPED: needs root (loop devices and mounts)");
-            return;
-        }
+        // These tests are #[ignore]d by default; asked for explicitly, a missing precondition
+        // is a failure, never a silent pass.
+        assert!($crate::is_root(), "this test needs root (loop devices and mounts): run tests/run-all.sh");
     };
 }
 
@@ -47,7 +47,7 @@ pub fn plinth_bin() -> PathBuf {
 pub fn sweep(dir: &Path) {
     if let Ok(devices) = plinth_engine::sys::loopdev::attached_devices() {
         for (device, backing) in devices {
-            if backing.starts_with(dir) {
+            if backing.path.starts_with(dir) {
                 let _ = plinth_engine::sys::loopdev::detach(device);
             }
         }
@@ -65,14 +65,37 @@ pub fn sweep(dir: &Path) {
     }
 }
 
-/// Loop devices whose backing file is below `dir`.
+/// Loop devices whose backing file is below `dir` (as this process's mount namespace shows it:
+/// attachments made in a container show another path, see `LoopSet` for those).
 pub fn loop_devices_under(dir: &Path) -> Vec<PathBuf> {
     plinth_engine::sys::loopdev::attached_devices()
         .unwrap_or_default()
         .into_iter()
-        .filter(|(_, backing)| backing.starts_with(dir))
+        .filter(|(_, backing)| backing.path.starts_with(dir))
         .map(|(device, _)| device.path())
         .collect()
+}
+
+/// The loop devices attached at one moment, each with its backing file's identity: what was
+/// attached since is what a test made, wherever (in whichever mount namespace) it was made.
+#[derive(Debug, Clone, Default)]
+pub struct LoopSet(Vec<(u32, (u32, u32), u64)>);
+
+impl LoopSet {
+    pub fn now() -> Self {
+        let devices = plinth_engine::sys::loopdev::attached_devices().unwrap_or_default();
+        Self(devices.into_iter().map(|(d, b)| (d.number, b.dev, b.inode)).collect())
+    }
+
+    /// Devices attached now that were not attached (to the same file) in `self`.
+    pub fn added_since(&self) -> Vec<plinth_engine::sys::loopdev::LoopDevice> {
+        plinth_engine::sys::loopdev::attached_devices()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(d, b)| !self.0.contains(&(d.number, b.dev, b.inode)))
+            .map(|(d, _)| d)
+            .collect()
+    }
 }
 
 /// Mount points below `dir`.

@@ -15,6 +15,7 @@ fn code<T>(result: Result<tonic::Response<T>, tonic::Status>) -> Code {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
 async fn controller_rejects_bad_requests_with_the_right_codes() {
     require_root!();
     let sandbox = Sandbox::new();
@@ -198,6 +199,7 @@ async fn controller_rejects_bad_requests_with_the_right_codes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
 async fn node_rejects_bad_paths_ids_and_options_without_side_effects() {
     require_root!();
     let sandbox = Sandbox::new();
@@ -293,6 +295,7 @@ async fn node_rejects_bad_paths_ids_and_options_without_side_effects() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
 async fn existing_data_is_never_reformatted() {
     require_root!();
     let sandbox = Sandbox::new();
@@ -314,6 +317,7 @@ async fn existing_data_is_never_reformatted() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
 async fn socket_is_private_and_a_stale_one_is_replaced() {
     require_root!();
     use std::os::unix::fs::PermissionsExt;

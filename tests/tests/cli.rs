@@ -15,6 +15,7 @@ fn plinth(sandbox: &Sandbox, args: &[&str]) -> (bool, String, String) {
 }
 
 #[test]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
 fn walkthrough_create_mount_write_unmount_delete() {
     require_root!();
     let sandbox = Sandbox::new();
@@ -93,6 +94,7 @@ fn http_get(port: u16, path: &str) -> (u16, String) {
 }
 
 #[test]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
 fn health_and_metrics_endpoints() {
     require_root!();
     let sandbox = Sandbox::new();
@@ -119,6 +121,7 @@ fn health_and_metrics_endpoints() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
 async fn node_mode_registers_with_kubelet() {
     use plinth_proto::pluginregistration::{InfoRequest, RegistrationStatus, registration_client::RegistrationClient};
     require_root!();

@@ -86,23 +86,15 @@ impl Cluster {
     }
 }
 
-async fn setup() -> Option<Cluster> {
-    let Some(binaries) = k8s::Binaries::from_env() else {
-        eprintln!("SKIPPED: Kubernetes components not built (tests/k8s/build-components.sh)");
-        return None;
-    };
-    if !is_root() {
-        eprintln!("SKIPPED: needs root");
-        return None;
-    }
+async fn setup() -> Cluster {
+    let binaries = plinth_tests::require_control_plane!();
+    assert!(is_root(), "the cluster tests need root (loop devices, mounts): run tests/run-all.sh");
     let plane = ControlPlane::start(&binaries, Options { controller_manager: true, scheduler: false }).await;
     let client = plane.client().await;
-    for object in k8s::render_kustomization(&repo().join("deploy")) {
-        if object["kind"] != "VolumeSnapshotClass" {
-            let applied = k8s::apply(&client, &object).await;
-            if object["kind"] == "CustomResourceDefinition" {
-                k8s::wait_crd_established(&client, &applied.name_any()).await;
-            }
+    for object in k8s::kustomize(&binaries, &repo().join("deploy")) {
+        let applied = k8s::apply(&client, &object).await;
+        if object["kind"] == "CustomResourceDefinition" {
+            k8s::wait_crd_established(&client, &applied.name_any()).await;
         }
     }
     for (name, binding, reclaim) in
@@ -138,7 +130,7 @@ async fn setup() -> Option<Cluster> {
     }
     cluster.start_controller(0);
     cluster.start_controller(1);
-    Some(cluster)
+    cluster
 }
 
 fn claim(name: &str, class: &str, bytes: i64, node: Option<&str>, block: bool) -> PersistentVolumeClaim {
@@ -276,8 +268,9 @@ async fn use_like_kubelet(cluster: &Cluster, node: &str, pv: &PersistentVolume) 
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and the Kubernetes binaries: tests/run-all.sh runs it"]
 async fn cluster_mode_provisions_binds_reclaims_expands_and_fails_over() {
-    let Some(mut cluster) = setup().await else { return };
+    let mut cluster = setup().await;
     let client = cluster.client.clone();
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
 
@@ -451,7 +444,7 @@ async fn cluster_mode_provisions_binds_reclaims_expands_and_fails_over() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "benchmark: run with tests/bench-cluster.sh"]
 async fn bench_bind_100_claims() {
-    let Some(cluster) = setup().await else { return };
+    let cluster = setup().await;
     let client = cluster.client.clone();
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
     const COUNT: usize = 100;
@@ -492,8 +485,9 @@ async fn bench_bind_100_claims() {
 /// The standard external-provisioner/resizer sidecars talk CSI to the controller; the same
 /// `Volume` objects and node agents do the work.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and the Kubernetes binaries: tests/run-all.sh runs it"]
 async fn csi_controller_for_sidecars_shares_the_cluster_implementation() {
-    let Some(cluster) = setup().await else { return };
+    let cluster = setup().await;
     let socket = cluster.sandbox.path().join("controller-0.sock");
     wait_for("controller CSI socket", Duration::from_secs(30), || async { socket.exists().then_some(()) }).await;
     let mut csi_client = Clients::connect(&socket).await;

@@ -99,6 +99,7 @@ fn fs_total_bytes(path: &Path) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
 async fn restore_holds_data_from_before_the_snapshot_and_not_after() {
     require_root!();
     let sandbox = Sandbox::new();
@@ -149,6 +150,7 @@ async fn restore_holds_data_from_before_the_snapshot_and_not_after() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
 async fn xfs_clone_mounts_beside_its_mounted_source_and_is_independent() {
     require_root!();
     let sandbox = Sandbox::new();
@@ -182,6 +184,7 @@ async fn xfs_clone_mounts_beside_its_mounted_source_and_is_independent() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
 async fn online_expansion_under_a_writer_keeps_every_byte() {
     require_root!();
     let sandbox = Sandbox::new();
@@ -277,6 +280,7 @@ async fn online_expansion_under_a_writer_keeps_every_byte() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
 async fn offline_expansion_grows_the_filesystem_on_next_stage() {
     require_root!();
     let sandbox = Sandbox::new();
@@ -331,6 +335,7 @@ fn make_pool_filesystem(sandbox: &Sandbox, fs: &str) -> PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
 async fn snapshots_reflink_on_xfs_pools_and_copy_sparsely_elsewhere() {
     require_root!();
     for (pool_fs, expected_method) in [("xfs", "reflink"), ("ext4", "sparse-copy")] {
@@ -374,6 +379,7 @@ fn snapshot_record_in(data_dir: &Path, id: &str) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
 async fn group_snapshot_captures_every_member_together() {
     require_root!();
     let sandbox = Sandbox::new();
@@ -446,6 +452,7 @@ async fn group_snapshot_captures_every_member_together() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
 async fn modify_preallocates_and_health_reports_what_broke() {
     require_root!();
     let sandbox = Sandbox::new();

@@ -15,6 +15,7 @@ fn repo() -> PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the Kubernetes binaries: tests/run-all.sh runs it"]
 async fn apiserver_reports_its_version() {
     let binaries = require_control_plane!();
     let plane = ControlPlane::start(&binaries, Options::default()).await;
@@ -79,39 +80,37 @@ const NODE_MUST_NOT: &[Check] = &[
 ];
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the Kubernetes binaries: tests/run-all.sh runs it"]
 async fn deploy_manifests_apply_and_rbac_is_least_privilege() {
     let binaries = require_control_plane!();
     let plane = ControlPlane::start(&binaries, Options::default()).await;
     let client = plane.client().await;
 
-    // The snapshot CRDs are a cluster prerequisite (external-snapshotter); a stand-in here.
+    // deploy/ as a user applies it, to a cluster without the snapshot CRDs (most clusters).
+    let deploy = repo().join("deploy");
+    let applied = k8s::kubectl(&binaries, &plane, &["apply", "--server-side", "-k", deploy.to_str().unwrap()])
+        .unwrap_or_else(|e| panic!("kubectl apply -k deploy/ on a cluster without snapshot CRDs: {e}"));
+    assert!(applied.contains("customresourcedefinition.apiextensions.k8s.io/volumes.plinth.csi.dev"), "{applied}");
+    k8s::wait_crd_established(&client, "volumes.plinth.csi.dev").await;
+    let objects = k8s::kustomize(&binaries, &deploy);
+    let kinds: Vec<&str> = objects.iter().map(|o| o["kind"].as_str().unwrap()).collect();
+    for expected in ["CSIDriver", "StorageClass", "CustomResourceDefinition", "DaemonSet", "Deployment"] {
+        assert!(kinds.contains(&expected), "deploy/ has a {expected}");
+    }
+    assert!(!kinds.contains(&"VolumeSnapshotClass"), "the snapshot class is an add-on (deploy/snapshots/)");
+
+    // The snapshot add-on, once the cluster has the snapshot CRDs (a stand-in here).
+    let snapshots = repo().join("deploy/snapshots");
+    let refused = k8s::kubectl(&binaries, &plane, &["apply", "--server-side", "-k", snapshots.to_str().unwrap()]);
+    assert!(refused.is_err(), "without the CRDs the add-on cannot apply");
     for object in k8s::read_manifests(&repo().join("tests/k8s/volumesnapshotclass-crd.yaml")) {
         k8s::apply(&client, &object).await;
     }
     k8s::wait_crd_established(&client, "volumesnapshotclasses.snapshot.storage.k8s.io").await;
-
-    let objects = k8s::render_kustomization(&repo().join("deploy"));
-    let kinds: Vec<&str> = objects.iter().map(|o| o["kind"].as_str().unwrap()).collect();
-    for expected in
-        ["CSIDriver", "StorageClass", "VolumeSnapshotClass", "CustomResourceDefinition", "DaemonSet", "Deployment"]
-    {
-        assert!(kinds.contains(&expected), "deploy/ has a {expected}");
-    }
-    // CRDs and the namespace first, as kubectl does when everything is applied together.
-    let rank = |o: &serde_json::Value| match o["kind"].as_str() {
-        Some("Namespace") => 0,
-        Some("CustomResourceDefinition") => 1,
-        _ => 2,
-    };
-    let mut ordered = objects.clone();
-    ordered.sort_by_key(rank);
-    for object in &ordered {
-        let applied = k8s::apply(&client, object).await;
-        if object["kind"] == "CustomResourceDefinition" {
-            k8s::wait_crd_established(&client, applied.metadata.name.as_deref().unwrap()).await;
-        }
-    }
-    k8s::wait_crd_established(&client, "volumes.plinth.csi.dev").await;
+    k8s::kubectl(&binaries, &plane, &["apply", "--server-side", "-k", snapshots.to_str().unwrap()])
+        .unwrap_or_else(|e| panic!("kubectl apply -k deploy/snapshots/: {e}"));
+    let class = k8s::kubectl(&binaries, &plane, &["get", "volumesnapshotclass", "plinth", "-o", "jsonpath={.driver}"]);
+    assert_eq!(class.unwrap(), "plinth.csi.dev");
 
     // Everything reads back, with the one image reference substituted.
     for object in &objects {
@@ -170,6 +169,7 @@ async fn deploy_manifests_apply_and_rbac_is_least_privilege() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the Kubernetes binaries: tests/run-all.sh runs it"]
 async fn pv_controller_binds_a_preprovisioned_volume() {
     let binaries = require_control_plane!();
     let plane = ControlPlane::start(&binaries, Options { controller_manager: true, scheduler: false }).await;

@@ -49,6 +49,7 @@ async fn delete(clients: &mut Clients, id: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
 async fn data_survives_restage_and_process_restart_on_every_filesystem() {
     require_root!();
     let sandbox = Sandbox::new();
@@ -88,6 +89,7 @@ async fn data_survives_restage_and_process_restart_on_every_filesystem() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
 async fn staged_volume_comes_back_after_a_crash_and_lost_mounts() {
     require_root!();
     let sandbox = Sandbox::new();
@@ -119,6 +121,7 @@ async fn staged_volume_comes_back_after_a_crash_and_lost_mounts() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
 async fn leaked_loop_device_is_detached_on_start() {
     require_root!();
     let sandbox = Sandbox::new();
@@ -138,6 +141,7 @@ async fn leaked_loop_device_is_detached_on_start() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
 async fn block_volume_round_trips_bytes_through_its_device() {
     require_root!();
     let sandbox = Sandbox::new();
@@ -189,6 +193,7 @@ async fn block_volume_round_trips_bytes_through_its_device() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
 async fn filesystem_stats_and_readonly_publish() {
     require_root!();
     let sandbox = Sandbox::new();
@@ -254,6 +259,7 @@ fn libc_erofs() -> i32 {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
 async fn concurrent_operations_on_one_volume_are_serialised() {
     require_root!();
     let sandbox = Sandbox::new();
@@ -307,6 +313,7 @@ async fn concurrent_operations_on_one_volume_are_serialised() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
 async fn full_pool_refuses_with_resource_exhausted_and_leaves_nothing() {
     require_root!();
     let sandbox = Sandbox::new();

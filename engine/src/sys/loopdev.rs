@@ -1,7 +1,13 @@
 //! Loop devices through the kernel's ioctl interface (loop(4)): no `losetup` processes.
 //!
 //! Invariant: an image is attached to at most one loop device by plinth. Callers look the image up
-//! with [`find_by_backing_file`] before calling [`attach`], under the volume's operation lock.
+//! (by [`Backing::is`]) before calling [`attach`], under the volume's operation lock.
+//!
+//! An attachment is identified by its backing file's device and inode (LOOP_GET_STATUS64), never
+//! by the path sysfs shows: that path is resolved against the reader's mounts, so a plinth in a
+//! new container (after its pod restarted) sees its predecessor's attachments under a different
+//! path (`/pool/vol-….img` instead of `/var/lib/plinth/pool/vol-….img`) — matching paths missed
+//! them, attached the image a second time and leaked the first device.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -11,6 +17,7 @@ const LOOP_CONTROL: &str = "/dev/loop-control";
 const SYS_BLOCK: &str = "/sys/block";
 
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 const LOOP_SET_CAPACITY: libc::c_ulong = 0x4C07;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
@@ -145,8 +152,59 @@ fn check(rc: libc::c_int, op: &'static str, device: &Path) -> Result<(), LoopErr
     }
 }
 
+/// The file behind a loop device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backing {
+    /// As sysfs shows it to this process (relative to its mounts; may end in " (deleted)").
+    pub path: PathBuf,
+    /// The backing file's filesystem (major, minor) and inode: what identifies it.
+    pub dev: (u32, u32),
+    pub inode: u64,
+}
+
+impl Backing {
+    /// Whether this is the file `metadata` describes.
+    pub fn is(&self, metadata: &std::fs::Metadata) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let dev = metadata.dev();
+        self.inode == metadata.ino() && self.dev == (libc::major(dev), libc::minor(dev))
+    }
+
+    /// Whether the backing file was deleted while attached.
+    pub fn deleted(&self) -> bool {
+        self.path.to_string_lossy().ends_with(" (deleted)")
+    }
+}
+
+/// The backing file of a bound device (LOOP_GET_STATUS64); `None` when it is not bound.
+fn backing_of(device: LoopDevice) -> Result<Option<Backing>, LoopError> {
+    let Some(path) = device.backing_file() else { return Ok(None) };
+    let file = match open_device(&device.path(), false) {
+        Ok(file) => file,
+        // Gone between listing and opening.
+        Err(LoopError::Open { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // SAFETY: LoopInfo64 mirrors `struct loop_info64`; all-zero bytes are a valid value.
+    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+    // SAFETY: LOOP_GET_STATUS64 writes one `struct loop_info64` through the pointer.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), LOOP_GET_STATUS64, &mut info as *mut LoopInfo64) };
+    if rc < 0 {
+        let err = std::io::Error::last_os_error();
+        // ENXIO: unbound since it was listed.
+        if err.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(LoopError::Ioctl { op: "LOOP_GET_STATUS64", device: device.path(), source: err });
+    }
+    // The kernel encodes the device number as huge_encode_dev: minor low byte, major, minor rest.
+    let dev = info.lo_device;
+    let (major, minor) = (((dev >> 8) & 0xfff) as u32, ((dev & 0xff) | ((dev >> 12) & 0xfff00)) as u32);
+    Ok(Some(Backing { path, dev: (major, minor), inode: info.lo_inode }))
+}
+
 /// Every loop device currently bound to a backing file.
-pub fn attached_devices() -> Result<Vec<(LoopDevice, PathBuf)>, LoopError> {
+pub fn attached_devices() -> Result<Vec<(LoopDevice, Backing)>, LoopError> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(SYS_BLOCK).map_err(LoopError::Sysfs)? {
         let entry = entry.map_err(LoopError::Sysfs)?;
@@ -155,17 +213,12 @@ pub fn attached_devices() -> Result<Vec<(LoopDevice, PathBuf)>, LoopError> {
             continue;
         };
         let device = LoopDevice { number };
-        if let Some(backing) = device.backing_file() {
+        if let Some(backing) = backing_of(device)? {
             found.push((device, backing));
         }
     }
     found.sort_by_key(|(d, _)| d.number);
     Ok(found)
-}
-
-/// The loop device `image` is attached to, if any. `image` must be an absolute, canonical path.
-pub fn find_by_backing_file(image: &Path) -> Result<Option<LoopDevice>, LoopError> {
-    Ok(attached_devices()?.into_iter().find(|(_, backing)| backing == image).map(|(device, _)| device))
 }
 
 /// Attaches `image` to a free loop device with LOOP_CONFIGURE, with direct I/O requested.
@@ -255,6 +308,21 @@ mod tests {
     fn loop_config_matches_kernel_layout() {
         assert_eq!(std::mem::size_of::<LoopInfo64>(), 232);
         assert_eq!(std::mem::size_of::<LoopConfig>(), 304);
+    }
+
+    #[test]
+    fn backing_files_are_matched_by_device_and_inode_not_by_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vol.img");
+        std::fs::write(&file, b"x").unwrap();
+        let metadata = std::fs::metadata(&file).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let dev = (libc::major(metadata.dev()), libc::minor(metadata.dev()));
+        let seen_elsewhere = Backing { path: "/pool/vol.img".into(), dev, inode: metadata.ino() };
+        assert!(seen_elsewhere.is(&metadata), "another mount namespace's path, the same file");
+        let other = Backing { path: file.clone(), dev, inode: metadata.ino() + 1 };
+        assert!(!other.is(&metadata), "the same path, another file");
+        assert!(Backing { path: "/pool/vol.img (deleted)".into(), dev, inode: 1 }.deleted());
     }
 
     #[test]

@@ -69,6 +69,35 @@ pub fn probe(device: &Path) -> Result<Probe, MkfsError> {
     }
 }
 
+/// The programs a filesystem needs on this node, and the Debian package that ships them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsTools {
+    pub format: &'static str,
+    pub grow: &'static [&'static str],
+    pub package: &'static str,
+}
+
+/// Probing (before any format) needs blkid.
+pub const PROBE_TOOL: (&str, &str) = ("blkid", "util-linux");
+
+pub fn tools(fs: FsType) -> FsTools {
+    match fs {
+        FsType::Ext4 => FsTools { format: "mkfs.ext4", grow: &["resize2fs", "e2fsck"], package: "e2fsprogs" },
+        FsType::Xfs => FsTools { format: "mkfs.xfs", grow: &["xfs_growfs"], package: "xfsprogs" },
+        FsType::Btrfs => FsTools { format: "mkfs.btrfs", grow: &["btrfs"], package: "btrfs-progs" },
+    }
+}
+
+/// Whether `program` is an executable file in one of `PATH`'s directories.
+pub fn on_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path).any(|dir| {
+        std::fs::metadata(dir.join(program)).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
 /// Arguments that keep mkfs fast on large images and keep thick images thick: no discard (which
 /// would punch the preallocation out again) and lazy inode table / journal initialisation.
 fn mkfs_args(fs: FsType) -> (&'static str, &'static [&'static str]) {
@@ -145,6 +174,14 @@ mod tests {
             parse_blkid_export("TYPE=linux_raid_member\nUSAGE=raid\n"),
             Probe::Other("linux_raid_member".into())
         );
+    }
+
+    #[test]
+    fn finds_programs_on_path_only_when_executable() {
+        assert!(on_path("sh"));
+        assert!(!on_path("plinth-no-such-program"));
+        assert_eq!(tools(FsType::Xfs).package, "xfsprogs");
+        assert!(tools(FsType::Ext4).grow.contains(&"e2fsck"));
     }
 
     #[test]

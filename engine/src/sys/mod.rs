@@ -3,6 +3,7 @@
 
 pub mod copy;
 pub mod freeze;
+pub mod fserrors;
 pub mod loopdev;
 pub mod mkfs;
 pub mod mount;

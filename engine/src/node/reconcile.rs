@@ -1,0 +1,126 @@
+//! The start-up reconcile: bring the node back to what the records say after a restart or a
+//! reboot, before the CO asks.
+
+use std::path::Path;
+
+use crate::Engine;
+use crate::caps::{AccessMode, AccessType, Capability};
+use crate::error::{Context, Error, Result};
+use crate::ids::VolumeId;
+use crate::model::VolumeRecord;
+
+/// What the start-up reconcile did.
+#[derive(Debug, Default, Clone)]
+pub struct ReconcileReport {
+    pub restored: Vec<String>,
+    pub detached: Vec<String>,
+    pub problems: Vec<String>,
+}
+
+impl Engine {
+    /// Re-attaches and re-mounts staged volumes, restores recorded publications where this
+    /// process owns them (standalone), and detaches loop devices of the pool that nothing uses
+    /// (leaks from crashes). Never deletes data; problems are reported, not fatal.
+    pub fn reconcile_on_start(&self) -> ReconcileReport {
+        let mut report = ReconcileReport::default();
+        let records = match self.store.list() {
+            Ok(records) => records,
+            Err(err) => {
+                report.problems.push(format!("listing volumes: {}", err.chain()));
+                return report;
+            }
+        };
+        for record in &records {
+            if let Err(err) = self.reconcile_volume(record.clone(), &mut report) {
+                report.problems.push(format!("{}: {}", record.id, err.chain()));
+            }
+        }
+        if let Err(err) = self.detach_devices_of_deleted_images(&mut report) {
+            report.problems.push(format!("looking for loop devices of deleted images: {}", err.chain()));
+        }
+        if let Ok(orphans) = self.pool.orphan_images(&records) {
+            for orphan in orphans {
+                report.problems.push(format!("image {} has no volume record; left in place", orphan.display()));
+            }
+        }
+        report
+    }
+
+    /// Loop devices still holding a pool image that was deleted (a plinth that matched
+    /// attachments by path could leak them): nothing can use them again, so they go, unless
+    /// something still has them mounted.
+    fn detach_devices_of_deleted_images(&self, report: &mut ReconcileReport) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let pool =
+            std::fs::metadata(self.pool.dir()).context(|| format!("inspecting {}", self.pool.dir().display()))?;
+        let pool_dev = (libc::major(pool.dev()), libc::minor(pool.dev()));
+        let table = self.mount_table()?;
+        let devices = self.host.loop_devices().map_err(|e| Error::internal("listing loop devices", e))?;
+        for (device, backing) in devices {
+            let name = backing.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let image_name = name.strip_suffix(" (deleted)").and_then(|n| n.strip_suffix(".img"));
+            if backing.dev != pool_dev || !backing.deleted() || image_name.and_then(VolumeId::parse).is_none() {
+                continue;
+            }
+            let mounts: Vec<_> = table.mounts_of_device(&device.path()).map(|m| m.mount_point.clone()).collect();
+            if !mounts.is_empty() {
+                report.problems.push(format!(
+                    "{} holds the deleted image {name} and is still mounted at {mounts:?}; left alone",
+                    device.path().display()
+                ));
+                continue;
+            }
+            self.host.detach_loop(device).map_err(|e| Error::internal("detaching a device of a deleted image", e))?;
+            report.detached.push(format!("{} (its image {name} was deleted)", device.path().display()));
+        }
+        Ok(())
+    }
+
+    fn reconcile_volume(&self, mut record: VolumeRecord, report: &mut ReconcileReport) -> Result<()> {
+        let id = record.id.clone();
+        let _guard = self.locks.try_lock(id.as_str())?;
+        let Some(staged) = record.staged.clone() else {
+            if let Some(device) = self.attached_device(&id)?
+                && self.mount_table()?.mounts_of_device(&device.path()).next().is_none()
+            {
+                self.host.detach_loop(device).map_err(|e| Error::internal("detaching leaked device", e))?;
+                report.detached.push(id.to_string());
+            }
+            return Ok(());
+        };
+        let mode = if staged.read_only { AccessMode::SingleNodeReaderOnly } else { AccessMode::SingleNodeWriter };
+        let access_type = if staged.filesystem_mounted {
+            AccessType::Mount {
+                fs_type: None,
+                mount_flags: staged.mount_flags.clone(),
+                volume_mount_group: String::new(),
+            }
+        } else {
+            AccessType::Block
+        };
+        let table = self.mount_table()?;
+        if self.staged_at(&record, &staged.staging_path, &table)?.is_none() {
+            self.stage_locked(&mut record, &staged.staging_path, &Capability { access_type, mode })?;
+            report.restored.push(format!("{id} staged at {}", staged.staging_path.display()));
+        }
+        let table = self.mount_table()?;
+        let device = self.attached_device(&id)?.ok_or_else(|| Error::internal("reconcile", "device vanished"))?;
+        let mut changed = false;
+        for (target, published) in record.published.clone() {
+            if table.is_mount_point(&target) {
+                continue;
+            }
+            if !self.restore_publications || !target.parent().is_some_and(Path::exists) {
+                record.published.remove(&target);
+                changed = true;
+                continue;
+            }
+            self.restore_publication(record.layout, &device.path(), &staged.staging_path, &target, &published)?;
+            report.restored.push(format!("{id} published at {}", target.display()));
+        }
+        if changed {
+            self.store.save(&record)?;
+        }
+        Ok(())
+    }
+}
