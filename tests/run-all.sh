@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # plinth's whole test suite on a fresh Debian machine, as root: installs what it needs (Debian
 # packages, rustfmt/clippy, csi-sanity), then lint, unit tests, integration tests on real loop
-# devices and mounts, and csi-sanity for ext4, xfs, btrfs and block.
+# devices and mounts, the cluster tests on a real control plane and a real node (containerd, runc,
+# kubelet), and csi-sanity for ext4, xfs, btrfs and block.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,12 +17,16 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
+# What is attached now is not this run's: the leak check at the end compares with it.
+loops_before=$(losetup -a 2>/dev/null | sort || true)
+
 step "system packages"
 missing=()
 for pair in mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs blkid:util-linux losetup:mount \
-            modprobe:kmod; do
+            modprobe:kmod containerd:containerd runc:runc iptables:iptables ip:iproute2; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
+[ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
 if ! command -v go >/dev/null 2>&1; then missing+=(golang-go); fi
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
@@ -52,12 +57,7 @@ done
 export CSI_SANITY
 
 step "Kubernetes components for the cluster tests (built once, cached under $CACHE)"
-mapfile -t components < <(PLINTH_TEST_CACHE=$CACHE tests/k8s/build-components.sh)
-[ ${#components[@]} -eq 4 ] || { echo "build-components.sh printed ${#components[@]} paths, expected 4" >&2; exit 1; }
-export PLINTH_KUBE_APISERVER=${components[0]} PLINTH_KUBE_CONTROLLER_MANAGER=${components[1]}
-export PLINTH_KUBE_SCHEDULER=${components[2]} PLINTH_ETCD=${components[3]}
-PLINTH_K8S_VERSION=$("$PLINTH_KUBE_APISERVER" --version | awk '{print $2}')
-export PLINTH_K8S_VERSION
+source tests/k8s/env.sh
 echo "kube-apiserver $PLINTH_K8S_VERSION, $("$PLINTH_ETCD" --version | head -1)"
 
 step "interop clients: grpc-go dialing like kubelet, Python grpcio (gRPC C-core)"
@@ -82,16 +82,29 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build"
 cargo build --workspace --all-targets --locked
 
+step "node images (pause, base cached under $CACHE/images; plinth from target/debug)"
+source tests/k8s/images-env.sh "$PWD/target/debug/plinth"
+
 step "unit and integration tests"
-cargo test --workspace --locked
+# Root-only and cluster tests are #[ignore]d for a plain `cargo test`; here they all run.
+cargo test --workspace --locked -- --include-ignored --skip bench_
 
 step "csi-sanity against plinth standalone"
 PLINTH_BIN=$PWD/target/debug/plinth tests/csi-sanity.sh
 
 step "leak check"
-if losetup -a | grep -q 'plinth-'; then echo "loop devices left behind:"; losetup -a; exit 1; fi
+# Every loop device, not just those whose path names plinth: what a container attached shows a
+# path relative to its own mounts (and "(deleted)" once its image is gone).
+loops_after=$(losetup -a 2>/dev/null | sort || true)
+if [ "$loops_after" != "$loops_before" ]; then
+  echo "loop devices left behind:"; comm -13 <(echo "$loops_before") <(echo "$loops_after"); exit 1
+fi
 if grep -q '/tmp/plinth-' /proc/self/mountinfo; then echo "mounts left behind:"; grep '/tmp/plinth-' /proc/self/mountinfo; exit 1; fi
 if pgrep -f '/tmp/plinth-k8s-|kube-apiserver --etcd-servers=http://127.0.0.1' >/dev/null; then
   echo "control-plane processes left behind:"; pgrep -af 'kube-|etcd'; exit 1
 fi
+if pgrep -f '/tmp/plinth-node-' >/dev/null; then
+  echo "node processes (containerd, shims, kubelet) left behind:"; pgrep -af '/tmp/plinth-node-'; exit 1
+fi
+if ls -d /tmp/plinth-node-* >/dev/null 2>&1; then echo "node dirs left behind:"; ls -d /tmp/plinth-node-*; exit 1; fi
 echo "no loop devices, mounts or processes left behind"

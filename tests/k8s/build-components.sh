@@ -31,7 +31,7 @@ ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 CACHE_ROOT="${PLINTH_TEST_CACHE:-/var/cache/plinth-test}"
 K8S_DIR="${CACHE_ROOT}/k8s-${K8S_VERSION}"
 ETCD_DIR="${CACHE_ROOT}/etcd-${ETCD_VERSION}"
-K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler)
+K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl)
 
 SCRIPT_START=$(date +%s)
 
@@ -45,7 +45,11 @@ die() { log "ERROR: $*"; exit 1; }
 # bin_ok PATH: the file exists, is executable and `PATH --version` succeeds.
 bin_ok() {
     [[ -f "$1" && -x "$1" ]] || return 1
-    timeout 30 "$1" --version >/dev/null 2>&1
+    if [[ "$(basename "$1")" == kubectl ]]; then
+        timeout 30 "$1" version --client >/dev/null 2>&1   # kubectl has no --version flag
+    else
+        timeout 30 "$1" --version >/dev/null 2>&1
+    fi
 }
 
 k8s_cached() {

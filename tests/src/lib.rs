@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod k8s;
+pub mod node;
 
 use hyper_util::rt::TokioIo;
 use plinth_proto::csi_v1::{
