@@ -118,6 +118,9 @@ mod tests {
             content_source: None,
             filesystem_bytes: 0,
             mkfs_options: Vec::new(),
+            loop_block_size: Some(4096),
+            filesystem_usable_bytes: None,
+            phase: Default::default(),
         };
         assert_eq!(VolumeContext::for_record(&record), filesystem());
     }

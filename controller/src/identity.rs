@@ -15,6 +15,11 @@ use tonic::{Request, Response, Status};
 pub const MANIFEST_STAGING_ROOT: &str = "plinth.csi.dev/staging-root";
 /// Manifest key: the pool directory holding the images.
 pub const MANIFEST_POOL: &str = "plinth.csi.dev/pool";
+/// Manifest key: the filesystems this node can format now (comma-separated), from the tools
+/// installed on it.
+pub const MANIFEST_FILESYSTEMS: &str = "plinth.csi.dev/filesystems";
+/// Manifest key: the filesystems this node can grow now.
+pub const MANIFEST_GROWABLE: &str = "plinth.csi.dev/growable-filesystems";
 
 use crate::rpc::Rpc;
 
@@ -45,10 +50,20 @@ impl Identity for IdentityService {
         &self,
         _: Request<GetPluginInfoRequest>,
     ) -> Result<Response<GetPluginInfoResponse>, Status> {
+        let mut manifest = self.manifest.clone();
+        if let (Some(engine), true) = (&self.engine, self.serves_node) {
+            // Checked at each call: installing xfsprogs on a running node shows up at once.
+            let support = engine.filesystem_support();
+            let list = |pick: fn(&plinth_engine::support::FsSupport) -> bool| {
+                support.iter().filter(|s| pick(s)).map(|s| s.fs.as_str()).collect::<Vec<_>>().join(",")
+            };
+            manifest.insert(MANIFEST_FILESYSTEMS.to_owned(), list(|s| s.format));
+            manifest.insert(MANIFEST_GROWABLE.to_owned(), list(|s| s.grow));
+        }
         Ok(Response::new(GetPluginInfoResponse {
             name: DRIVER_NAME.to_owned(),
             vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
-            manifest: self.manifest.clone(),
+            manifest,
         }))
     }
 

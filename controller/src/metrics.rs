@@ -26,6 +26,12 @@ pub struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FilesystemLabels {
+    pub fs: String,
+    pub operation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReconcileLabels {
     pub controller: String,
     pub result: String,
@@ -37,6 +43,7 @@ pub struct Metrics {
     pub pool_bytes: Family<StateLabels, Gauge>,
     pub volumes: Family<StateLabels, Gauge>,
     pub reconciles: Family<ReconcileLabels, Counter>,
+    pub filesystems: Family<FilesystemLabels, Gauge>,
     registry: Registry,
 }
 
@@ -60,6 +67,7 @@ impl Metrics {
         let pool_bytes = Family::<StateLabels, Gauge>::default();
         let volumes = Family::<StateLabels, Gauge>::default();
         let reconciles = Family::<ReconcileLabels, Counter>::default();
+        let filesystems = Family::<FilesystemLabels, Gauge>::default();
         registry.register("rpc_requests", "CSI RPCs served, by method and gRPC code", rpc_requests.clone());
         registry.register("rpc_duration_seconds", "CSI RPC latency", rpc_duration.clone());
         registry.register(
@@ -69,7 +77,12 @@ impl Metrics {
         );
         registry.register("volumes", "Volumes on this node by state (created, staged, published)", volumes.clone());
         registry.register("reconciles", "Reconcile runs by controller and result", reconciles.clone());
-        Metrics { rpc_requests, rpc_duration, pool_bytes, volumes, reconciles, registry }
+        registry.register(
+            "filesystem_supported",
+            "1 when this node can do the operation (format, grow) for the filesystem: its tools are installed",
+            filesystems.clone(),
+        );
+        Metrics { rpc_requests, rpc_duration, pool_bytes, volumes, reconciles, filesystems, registry }
     }
 
     pub fn record_rpc(&self, method: &str, code: tonic::Code, seconds: f64) {
@@ -90,6 +103,11 @@ impl Metrics {
 
     pub fn set_volumes(&self, state: &str, count: usize) {
         self.volumes.get_or_create(&StateLabels { state: state.to_owned() }).set(count as i64);
+    }
+
+    pub fn set_filesystem_support(&self, fs: &str, operation: &str, supported: bool) {
+        let labels = FilesystemLabels { fs: fs.to_owned(), operation: operation.to_owned() };
+        self.filesystems.get_or_create(&labels).set(i64::from(supported));
     }
 
     /// The Prometheus text exposition.

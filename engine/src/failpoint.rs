@@ -3,8 +3,9 @@
 //! Unit tests arm a point for the current thread ([`arm`]): the next `times` passes fail with an
 //! INTERNAL error, so every failure path can be driven without root or a broken disk. Builds with
 //! the `failpoints` feature also read `PLINTH_FAILPOINT=<name>` at each pass and abort the whole
-//! process there (a crash, not an error), for the crash-at-every-step tests. Other builds compile
-//! every point to nothing.
+//! process there (a crash, not an error), for the crash-at-every-step tests, or with
+//! `<name>=sleep:<ms>` hold still there (a race made deterministic). Other builds compile every
+//! point to nothing.
 
 use crate::error::{Error, Result};
 
@@ -42,9 +43,21 @@ pub fn arm(name: &'static str, times: usize) {
 #[inline(always)]
 pub fn check(name: &'static str) -> Result<()> {
     #[cfg(feature = "failpoints")]
-    if std::env::var("PLINTH_FAILPOINT").is_ok_and(|wanted| wanted == name) {
-        eprintln!("failpoint {name}: aborting");
-        std::process::abort();
+    if let Ok(wanted) = std::env::var("PLINTH_FAILPOINT") {
+        match wanted.split_once('=') {
+            None if wanted == name => {
+                eprintln!("failpoint {name}: aborting");
+                std::process::abort();
+            }
+            // `<name>=sleep:<ms>`: hold still there, so a test can change the world meanwhile.
+            Some((point, action)) if point == name => {
+                if let Some(ms) = action.strip_prefix("sleep:").and_then(|ms| ms.parse().ok()) {
+                    eprintln!("failpoint {name}: sleeping {ms} ms");
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                }
+            }
+            _ => {}
+        }
     }
     #[cfg(any(test, feature = "failpoints"))]
     if armed::take(name) {

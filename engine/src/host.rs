@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::model::FsType;
+use crate::paths::Pinned;
 use crate::sys::freeze::FreezeError;
 use crate::sys::loopdev::{Backing, LoopDevice, LoopError};
 use crate::sys::mkfs::{MkfsError, Probe};
@@ -42,6 +43,15 @@ pub enum HostError {
 
 pub type HostResult<T> = std::result::Result<T, HostError>;
 
+/// What a bind mount shows at its target.
+#[derive(Debug, Clone, Copy)]
+pub enum BindSource<'a> {
+    /// A device node plinth chose (`/dev/loopN`): raw block access.
+    Device(&'a Path),
+    /// A directory a CO named (the staging mount), pinned like a target.
+    Dir(&'a Pinned),
+}
+
 /// A filesystem held frozen (FIFREEZE) until dropped; dropping thaws it, on every path.
 pub trait FrozenFs: Send + std::fmt::Debug {}
 
@@ -50,8 +60,9 @@ pub trait FrozenFs: Send + std::fmt::Debug {}
 pub trait Host: Send + Sync + std::fmt::Debug {
     /// Every loop device bound to a backing file, with that file (identified by inode).
     fn loop_devices(&self) -> HostResult<Vec<(LoopDevice, Backing)>>;
-    /// Attaches `image` to a free loop device with direct I/O and 4096-byte logical blocks.
-    fn attach_loop(&self, image: &Path, read_only: bool) -> HostResult<LoopDevice>;
+    /// Attaches `image` to a free loop device with direct I/O and `block_size`-byte logical
+    /// blocks (4096, or 512 for volumes formatted before plinth fixed the geometry).
+    fn attach_loop(&self, image: &Path, read_only: bool, block_size: u32) -> HostResult<LoopDevice>;
     /// Detaches; a device already unbound counts as detached.
     fn detach_loop(&self, device: LoopDevice) -> HostResult<()>;
     fn loop_size(&self, device: LoopDevice) -> HostResult<u64>;
@@ -63,9 +74,17 @@ pub trait Host: Send + Sync + std::fmt::Debug {
     fn loop_control_available(&self) -> bool;
 
     fn mount_table(&self) -> HostResult<MountTable>;
-    fn mount_filesystem(&self, device: &Path, target: &Path, fs: FsType, flags: MsFlags, data: &str) -> HostResult<()>;
+    /// Mounts onto the pinned target (the inode that was checked, whatever its path shows now).
+    fn mount_filesystem(
+        &self,
+        device: &Path,
+        target: &Pinned,
+        fs: FsType,
+        flags: MsFlags,
+        data: &str,
+    ) -> HostResult<()>;
     /// Bind mount with per-mount `flags` applied (never left mounted with weaker flags).
-    fn bind_mount(&self, source: &Path, target: &Path, flags: MsFlags) -> HostResult<()>;
+    fn bind_mount(&self, source: BindSource<'_>, target: &Pinned, flags: MsFlags) -> HostResult<()>;
     /// Unmounts; "not mounted" counts as done.
     fn unmount(&self, target: &Path) -> HostResult<()>;
 
@@ -78,6 +97,8 @@ pub trait Host: Send + Sync + std::fmt::Debug {
     /// Grows a mounted filesystem to fill its device.
     fn grow_filesystem(&self, device: &Path, mount_point: &Path, fs: FsType) -> HostResult<()>;
     fn freeze(&self, mount_point: &Path) -> HostResult<Box<dyn FrozenFs>>;
+    /// Thaws a filesystem a dead process left frozen; whether it was frozen.
+    fn thaw(&self, mount_point: &Path) -> HostResult<bool>;
     fn statfs(&self, path: &Path) -> HostResult<FsUsage>;
     /// Errors a mounted filesystem recorded (ext4's sysfs `errors_count`); `None` when unknown.
     fn filesystem_errors(&self, device: LoopDevice, fs: FsType) -> Option<u64>;
@@ -95,8 +116,8 @@ impl Host for SystemHost {
     fn loop_devices(&self) -> HostResult<Vec<(LoopDevice, Backing)>> {
         Ok(crate::sys::loopdev::attached_devices()?)
     }
-    fn attach_loop(&self, image: &Path, read_only: bool) -> HostResult<LoopDevice> {
-        Ok(crate::sys::loopdev::attach(image, read_only)?)
+    fn attach_loop(&self, image: &Path, read_only: bool, block_size: u32) -> HostResult<LoopDevice> {
+        Ok(crate::sys::loopdev::attach_with_block_size(image, read_only, block_size)?)
     }
     fn detach_loop(&self, device: LoopDevice) -> HostResult<()> {
         Ok(crate::sys::loopdev::detach(device)?)
@@ -117,11 +138,23 @@ impl Host for SystemHost {
     fn mount_table(&self) -> HostResult<MountTable> {
         Ok(MountTable::read()?)
     }
-    fn mount_filesystem(&self, device: &Path, target: &Path, fs: FsType, flags: MsFlags, data: &str) -> HostResult<()> {
-        Ok(crate::sys::mount::mount_filesystem(device, target, fs.as_str(), flags, data)?)
+    fn mount_filesystem(
+        &self,
+        device: &Path,
+        target: &Pinned,
+        fs: FsType,
+        flags: MsFlags,
+        data: &str,
+    ) -> HostResult<()> {
+        Ok(crate::sys::mount::mount_filesystem(device, &target.fd_path(), fs.as_str(), flags, data)?)
     }
-    fn bind_mount(&self, source: &Path, target: &Path, flags: MsFlags) -> HostResult<()> {
-        Ok(crate::sys::mount::bind(source, target, flags)?)
+    fn bind_mount(&self, source: BindSource<'_>, target: &Pinned, flags: MsFlags) -> HostResult<()> {
+        use crate::sys::mount::{TreeSource, bind_at};
+        let (tree, name) = match source {
+            BindSource::Device(device) => (TreeSource::Path(device), device),
+            BindSource::Dir(dir) => (TreeSource::Fd(dir.fd()), dir.path()),
+        };
+        Ok(bind_at(tree, name, target.fd(), flags)?)
     }
     fn unmount(&self, target: &Path) -> HostResult<()> {
         Ok(crate::sys::mount::unmount(target)?)
@@ -141,6 +174,9 @@ impl Host for SystemHost {
     }
     fn freeze(&self, mount_point: &Path) -> HostResult<Box<dyn FrozenFs>> {
         Ok(Box::new(crate::sys::freeze::freeze(mount_point)?))
+    }
+    fn thaw(&self, mount_point: &Path) -> HostResult<bool> {
+        Ok(crate::sys::freeze::thaw(mount_point)?)
     }
     fn statfs(&self, path: &Path) -> HostResult<FsUsage> {
         crate::sys::statfs::usage(path).map_err(|source| HostError::Io {

@@ -21,6 +21,9 @@ pub mod support;
 pub mod sys;
 pub mod volumes;
 
+#[cfg(test)]
+mod proptests;
+
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -54,6 +57,8 @@ pub struct EngineConfig {
 pub struct Engine {
     /// The machine: loop devices, mounts, filesystems. The only way the engine touches them.
     host: Arc<dyn Host>,
+    /// One engine per data dir: two would reconcile and clean up under each other.
+    _lock: nix::fcntl::Flock<std::fs::File>,
     node_id: String,
     data_dir: PathBuf,
     pool: Pool,
@@ -69,6 +74,24 @@ pub struct Engine {
     /// The lock covers only "check free space, then promise"; copies and preallocation run
     /// outside it, so one large clone never holds up other volumes.
     reserved: Mutex<u64>,
+}
+
+/// Takes `<data>/.lock` for this process, or refuses: another plinth serves this data dir.
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let path = data_dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .context(|| format!("opening {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        if errno == nix::errno::Errno::EWOULDBLOCK {
+            Error::FailedPrecondition(format!("another plinth already serves {}", data_dir.display()))
+        } else {
+            Error::internal(format!("locking {}", path.display()), errno)
+        }
+    })
 }
 
 /// Space promised to one in-progress create or expansion; released on drop (by then the
@@ -110,6 +133,26 @@ impl Engine {
         Ok(self.pool.capacity(&self.store.list()?, usage))
     }
 
+    /// Reports a failure of work that wrote into the pool as RESOURCE_EXHAUSTED when the pool's
+    /// filesystem has run out of space (something outside plinth filled it: plinth's own
+    /// accounting never promises more than it has), so the CO sees "full", not "broken".
+    pub(crate) fn pool_full_or(&self, err: Error) -> Error {
+        /// Less than this left counts as full (filesystems keep a little back for themselves).
+        const FULL_BELOW: u64 = 8 << 20;
+        if !matches!(err, Error::Internal { .. }) {
+            return err;
+        }
+        match self.host.statfs(self.pool.dir()) {
+            Ok(usage) if usage.available_bytes < FULL_BELOW => Error::ResourceExhausted(format!(
+                "the pool filesystem ({}) is full, {} bytes left: {}",
+                self.pool.dir().display(),
+                usage.available_bytes,
+                err.chain()
+            )),
+            _ => err,
+        }
+    }
+
     /// An engine on this machine.
     pub fn open(config: EngineConfig) -> Result<Self> {
         Self::open_with_host(config, Arc::new(SystemHost))
@@ -119,6 +162,8 @@ impl Engine {
     pub fn open_with_host(config: EngineConfig, host: Arc<dyn Host>) -> Result<Self> {
         let data_dir = config.data_dir.clone();
         std::fs::create_dir_all(&data_dir).context(|| format!("creating data dir {}", data_dir.display()))?;
+        // Before anything touches the pool: opening it sweeps partial files of crashed copies.
+        let lock = lock_data_dir(&data_dir)?;
         let pool = Pool::open(data_dir.join("pool"), config.pool_capacity)
             .context(|| format!("opening pool in {}", data_dir.display()))?;
         let store =
@@ -129,8 +174,9 @@ impl Engine {
             .context(|| format!("opening group snapshot records in {}", data_dir.display()))?;
         let paths = PathPolicy::new(config.allowed_roots.iter().cloned())
             .context(|| format!("preparing allowed roots {:?}", config.allowed_roots))?;
-        Ok(Self {
+        let engine = Self {
             host,
+            _lock: lock,
             node_id: config.node_id,
             data_dir,
             pool,
@@ -143,7 +189,27 @@ impl Engine {
             allowed_mount_options: config.allowed_mount_options,
             restore_publications: config.restore_publications,
             reserved: Mutex::new(0),
-        })
+        };
+        engine.finish_interrupted()?;
+        Ok(engine)
+    }
+
+    /// Finishes what a crash interrupted, before anything else runs: intents of creations are
+    /// undone (nobody was told they succeeded), intents of deletions are completed.
+    fn finish_interrupted(&self) -> Result<()> {
+        for group in self.groups.list_any()?.into_iter().filter(|g| !g.phase.is_ready()) {
+            tracing::info!(group_snapshot_id = %group.id, phase = ?group.phase, "finishing an interrupted group snapshot");
+            self.undo_group(&group)?;
+        }
+        for snapshot in self.snapshots.list_any()?.into_iter().filter(|s| !s.phase.is_ready()) {
+            tracing::info!(snapshot_id = %snapshot.id, phase = ?snapshot.phase, "finishing an interrupted snapshot");
+            self.undo_snapshot(&snapshot.id)?;
+        }
+        for volume in self.store.list_any()?.into_iter().filter(|v| !v.phase.is_ready()) {
+            tracing::info!(volume_id = %volume.id, phase = ?volume.phase, "finishing an interrupted volume operation");
+            self.undo_volume(&volume.id)?;
+        }
+        Ok(())
     }
 
     pub fn node_id(&self) -> &str {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::ids::{GroupSnapshotId, SnapshotId, VolumeId};
 use crate::size::MIB;
-use crate::store::Record;
+use crate::store::{Phase, Record};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -142,6 +142,17 @@ pub struct VolumeRecord {
     /// Validated extra mkfs arguments (StorageClass `mkfsOptions`), used on first format.
     #[serde(default)]
     pub mkfs_options: Vec<String>,
+    /// The loop device's logical block size the filesystem was made for (schema 2). `None` for
+    /// volumes of schema 1, which may predate plinth's fixed 4096: found out at the next stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loop_block_size: Option<u32>,
+    /// What the filesystem offered (statfs total) when it last matched `filesystem_bytes`: a
+    /// growth is verified against it, so one a crash left unrecorded is seen as done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filesystem_usable_bytes: Option<u64>,
+    /// An intent (creating, deleting) or a volume (ready).
+    #[serde(default, skip_serializing_if = "Phase::is_ready")]
+    pub phase: Phase,
 }
 
 impl VolumeRecord {
@@ -152,8 +163,12 @@ impl VolumeRecord {
 
 impl Record for VolumeRecord {
     type Id = VolumeId;
+    const SCHEMA: u32 = 2;
     fn id(&self) -> &VolumeId {
         &self.id
+    }
+    fn phase(&self) -> Phase {
+        self.phase
     }
 }
 
@@ -181,12 +196,21 @@ pub struct SnapshotRecord {
     pub group_snapshot_id: Option<GroupSnapshotId>,
     /// How the copy was made ("reflink" or "sparse-copy"), for operators.
     pub copy_method: String,
+    /// The source's loop block size (schema 2; `None`: unknown, found out when restored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loop_block_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Phase::is_ready")]
+    pub phase: Phase,
 }
 
 impl Record for SnapshotRecord {
     type Id = SnapshotId;
+    const SCHEMA: u32 = 2;
     fn id(&self) -> &SnapshotId {
         &self.id
+    }
+    fn phase(&self) -> Phase {
+        self.phase
     }
 }
 
@@ -199,12 +223,18 @@ pub struct GroupSnapshotRecord {
     pub snapshot_ids: Vec<SnapshotId>,
     pub created_at_seconds: i64,
     pub created_at_nanos: i32,
+    #[serde(default, skip_serializing_if = "Phase::is_ready")]
+    pub phase: Phase,
 }
 
 impl Record for GroupSnapshotRecord {
     type Id = GroupSnapshotId;
+    const SCHEMA: u32 = 2;
     fn id(&self) -> &GroupSnapshotId {
         &self.id
+    }
+    fn phase(&self) -> Phase {
+        self.phase
     }
 }
 
@@ -322,6 +352,9 @@ mod tests {
             published: [(PathBuf::from("/t"), Published { read_only: true, block: false, mount_flags: vec![] })].into(),
             content_source: Some(ContentSource::Snapshot(SnapshotId::for_name("s"))),
             filesystem_bytes: 5 * MIB,
+            loop_block_size: Some(512),
+            filesystem_usable_bytes: None,
+            phase: Phase::Ready,
             mkfs_options: vec!["-b".into(), "4096".into()],
         };
         let json = serde_json::to_string(&record).unwrap();

@@ -3,6 +3,7 @@
 //! Invariant: a path that passes [`PathPolicy::confine`] is absolute, in normal form, strictly
 //! inside an allowed root, has no symlink among its existing components, and is not a symlink.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -93,6 +94,48 @@ impl PathPolicy {
     }
 }
 
+/// A path opened without following any symlink on the way or at the end (openat2 with
+/// RESOLVE_NO_SYMLINKS) and held open: a mount made through [`Pinned::fd_path`] lands on exactly
+/// the inode that was checked, so a symlink swapped in between the check and the mount (to
+/// `/etc`, to `/`) changes nothing.
+#[derive(Debug)]
+pub struct Pinned {
+    path: PathBuf,
+    fd: OwnedFd,
+}
+
+impl Pinned {
+    pub fn open(path: &Path) -> Result<Self> {
+        use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        let fd = openat2(nix::fcntl::AT_FDCWD, path, how).map_err(|errno| match errno {
+            nix::errno::Errno::ELOOP => {
+                Error::InvalidArgument(format!("{} is or goes through a symlink; refusing", path.display()))
+            }
+            other => Error::internal(format!("opening {}", path.display()), other),
+        })?;
+        Ok(Self { path: path.to_owned(), fd })
+    }
+
+    /// The path as the CO named it (what the mount table shows once mounted).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The descriptor (for the fd-based mount calls).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
+    /// The magic link to the opened inode itself: what mount(2) is given.
+    pub fn fd_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,5 +188,24 @@ mod tests {
             let err = p.confine("target_path", bad.to_str().unwrap()).unwrap_err();
             assert!(matches!(err, Error::InvalidArgument(ref m) if m.contains("symlink")), "{bad:?} → {err:?}");
         }
+    }
+
+    #[test]
+    fn a_pinned_path_keeps_the_inode_it_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        std::fs::create_dir(&target).unwrap();
+        let pinned = Pinned::open(&target).unwrap();
+        // Swapped for a symlink to somewhere else after the check.
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::rename(&target, dir.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &target).unwrap();
+        let resolved = std::fs::read_link(pinned.fd_path()).unwrap();
+        assert_eq!(resolved, dir.path().join("moved"), "the fd still names the checked directory");
+        let err = Pinned::open(&target).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join("link")).unwrap();
+        assert!(Pinned::open(&dir.path().join("link/x")).is_err(), "a symlink on the way is refused too");
     }
 }

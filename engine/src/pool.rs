@@ -120,6 +120,7 @@ impl Pool {
         let _ = std::fs::remove_file(&partial);
         let result = (|| -> Result<CopyMethod> {
             let method = copy::copy_image(source, &partial).context(|| format!("copying data into {id}"))?;
+            crate::failpoint::check("pool.copy_written")?;
             let file =
                 OpenOptions::new().write(true).open(&partial).context(|| format!("opening {}", partial.display()))?;
             if file.metadata().context(|| format!("stat {}", partial.display()))?.len() > size {
@@ -225,12 +226,14 @@ impl Pool {
 
     /// Image files with no record: left by a crash between image and record, or by hand.
     pub fn orphan_images(&self, records: &[VolumeRecord]) -> Result<Vec<PathBuf>> {
+        // A set: a linear search per image made this quadratic in the number of volumes.
+        let known: std::collections::HashSet<&VolumeId> = records.iter().map(|r| &r.id).collect();
         let mut orphans = Vec::new();
         for entry in std::fs::read_dir(&self.dir).context(|| format!("listing {}", self.dir.display()))? {
             let path = entry.context(|| format!("listing {}", self.dir.display()))?.path();
             let id = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".img"));
             if let Some(id) = id.and_then(VolumeId::parse)
-                && !records.iter().any(|r| r.id == id)
+                && !known.contains(&id)
             {
                 orphans.push(path);
             }

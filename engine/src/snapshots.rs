@@ -6,9 +6,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::Engine;
 use crate::error::{Error, Result};
+use crate::failpoint;
 use crate::host::FrozenFs;
 use crate::ids::{GroupSnapshotId, SnapshotId, VolumeId};
 use crate::model::{GroupSnapshotRecord, SnapshotRecord, VolumeRecord};
+use crate::store::Phase;
 
 fn now_precise() -> (i64, i32) {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -38,7 +40,8 @@ impl Engine {
             .map_err(|e| Error::internal(format!("quiescing {}", record.id), e))
     }
 
-    /// Copies the image of `volume` (whose lock the caller holds, frozen if needed) into `id`.
+    /// Copies the image of `volume` (whose lock the caller holds, frozen if needed) into `id`:
+    /// an intent record first, then the copy, then the record made ready (the commit).
     fn take_snapshot(
         &self,
         id: &SnapshotId,
@@ -49,9 +52,8 @@ impl Engine {
         if !self.pool.image_exists(&volume.id) {
             return Err(Error::FailedPrecondition(format!("the image of volume {} is missing", volume.id)));
         }
-        let method = self.pool.copy_to_snapshot(&self.pool.image_path(&volume.id), id)?;
         let (created_at_seconds, created_at_nanos) = now_precise();
-        let record = SnapshotRecord {
+        let mut record = SnapshotRecord {
             id: id.clone(),
             name: name.to_owned(),
             source_volume_id: volume.id.clone(),
@@ -61,14 +63,31 @@ impl Engine {
             created_at_seconds,
             created_at_nanos,
             group_snapshot_id: group.cloned(),
-            copy_method: method.as_str().to_owned(),
+            copy_method: String::new(),
+            loop_block_size: volume.loop_block_size,
+            phase: Phase::Creating,
         };
-        if let Err(err) = self.snapshots.save(&record) {
-            let _ = self.pool.remove_snapshot_image(id);
-            return Err(err);
+        self.snapshots.save(&record)?;
+        let taken = (|| -> Result<()> {
+            failpoint::check("snapshot.intent_saved")?;
+            let method = self.pool.copy_to_snapshot(&self.pool.image_path(&volume.id), id)?;
+            failpoint::check("snapshot.copied")?;
+            record.copy_method = method.as_str().to_owned();
+            record.phase = Phase::Ready;
+            self.snapshots.save(&record)
+        })();
+        if let Err(err) = taken {
+            let _ = self.undo_snapshot(id);
+            return Err(self.pool_full_or(err));
         }
-        tracing::info!(snapshot_id = %id, volume_id = %volume.id, method = method.as_str(), "snapshot taken");
+        tracing::info!(snapshot_id = %id, volume_id = %volume.id, method = %record.copy_method, "snapshot taken");
         Ok(record)
+    }
+
+    /// Removes what an unfinished snapshot creation or deletion left: image and record.
+    pub(crate) fn undo_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        self.pool.remove_snapshot_image(id)?;
+        self.snapshots.remove(id)
     }
 
     fn source_volume(&self, raw: &str) -> Result<(VolumeId, VolumeRecord)> {
@@ -84,6 +103,9 @@ impl Engine {
         require("source_volume_id", source_volume_id)?;
         let id = SnapshotId::for_name(name);
         let _snapshot_guard = self.locks.try_lock(id.as_str())?;
+        if let Some(interrupted) = self.snapshots.load_any(&id)?.filter(|s| !s.phase.is_ready()) {
+            self.undo_snapshot(&interrupted.id)?;
+        }
         if let Some(existing) = self.snapshots.load(&id)? {
             if existing.source_volume_id.as_str() == source_volume_id {
                 return Ok(existing);
@@ -97,7 +119,7 @@ impl Engine {
         let _volume_guard = self.locks.try_lock(volume_id.as_str())?;
         let (_, volume) = self.source_volume(source_volume_id)?;
         let frozen = self.freeze_if_mounted(&volume)?;
-        let result = self.take_snapshot(&id, name, &volume, None);
+        let result = failpoint::check("snapshot.frozen").and_then(|()| self.take_snapshot(&id, name, &volume, None));
         drop(frozen);
         result
     }
@@ -114,9 +136,13 @@ impl Engine {
                 "snapshot {id} is part of group snapshot {group}; delete the group snapshot instead"
             )));
         }
-        self.pool.remove_snapshot_image(&id)?;
-        self.snapshots.remove(&id)?;
-        Ok(())
+        let Some(mut record) = self.snapshots.load_any(&id)? else {
+            return self.pool.remove_snapshot_image(&id);
+        };
+        record.phase = Phase::Deleting;
+        self.snapshots.save(&record)?;
+        failpoint::check("snapshot_delete.intent_saved")?;
+        self.undo_snapshot(&id)
     }
 
     pub fn snapshot(&self, raw_id: &str) -> Result<SnapshotRecord> {
@@ -158,6 +184,9 @@ impl Engine {
         }
         let id = GroupSnapshotId::for_name(name);
         let _group_guard = self.locks.try_lock(id.as_str())?;
+        if let Some(interrupted) = self.groups.load_any(&id)?.filter(|g| !g.phase.is_ready()) {
+            self.undo_group(&interrupted)?;
+        }
         let wanted: BTreeSet<&str> = source_volume_ids.iter().map(String::as_str).collect();
         if let Some(existing) = self.groups.load(&id)? {
             let have: BTreeSet<&str> = existing.source_volume_ids.iter().map(VolumeId::as_str).collect();
@@ -177,35 +206,56 @@ impl Engine {
         let volumes =
             volume_ids.iter().map(|v| self.source_volume(v.as_str()).map(|(_, r)| r)).collect::<Result<Vec<_>>>()?;
 
-        let frozen = volumes.iter().map(|v| self.freeze_if_mounted(v)).collect::<Result<Vec<_>>>()?;
+        let (created_at_seconds, created_at_nanos) = now_precise();
+        let member_ids: Vec<SnapshotId> =
+            volume_ids.iter().map(|v| SnapshotId::for_name(&format!("{id}/{v}"))).collect();
+        let mut group = GroupSnapshotRecord {
+            id: id.clone(),
+            name: name.to_owned(),
+            source_volume_ids: volume_ids.clone(),
+            snapshot_ids: member_ids,
+            created_at_seconds,
+            created_at_nanos,
+            phase: Phase::Creating,
+        };
+        self.groups.save(&group)?;
+        let frozen = volumes.iter().map(|v| self.freeze_if_mounted(v)).collect::<Result<Vec<_>>>();
+        let frozen = match frozen {
+            Ok(frozen) => frozen,
+            Err(err) => {
+                let _ = self.undo_group(&group);
+                return Err(err);
+            }
+        };
         let mut taken = Vec::new();
-        for volume in &volumes {
-            let snapshot_id = SnapshotId::for_name(&format!("{id}/{}", volume.id));
-            match self.take_snapshot(&snapshot_id, &format!("{name}-{}", volume.id), volume, Some(&id)) {
+        for (volume, snapshot_id) in volumes.iter().zip(group.snapshot_ids.clone()) {
+            let step = failpoint::check("group.member")
+                .and_then(|()| self.take_snapshot(&snapshot_id, &format!("{name}-{}", volume.id), volume, Some(&id)));
+            match step {
                 Ok(record) => taken.push(record),
                 Err(err) => {
                     drop(frozen);
-                    for record in &taken {
-                        let _ = self.pool.remove_snapshot_image(&record.id);
-                        let _ = self.snapshots.remove(&record.id);
-                    }
+                    let _ = self.undo_group(&group);
                     return Err(err);
                 }
             }
         }
         drop(frozen);
-        let (created_at_seconds, created_at_nanos) = now_precise();
-        let group = GroupSnapshotRecord {
-            id: id.clone(),
-            name: name.to_owned(),
-            source_volume_ids: volume_ids,
-            snapshot_ids: taken.iter().map(|s| s.id.clone()).collect(),
-            created_at_seconds,
-            created_at_nanos,
-        };
-        self.groups.save(&group)?;
+        group.phase = Phase::Ready;
+        if let Err(err) = failpoint::check("group.members_taken").and_then(|()| self.groups.save(&group)) {
+            let _ = self.undo_group(&group);
+            return Err(err);
+        }
         tracing::info!(group_snapshot_id = %id, members = taken.len(), "group snapshot taken");
         Ok((group, taken))
+    }
+
+    /// Removes an unfinished group: every member it may have taken, then its record.
+    pub(crate) fn undo_group(&self, group: &GroupSnapshotRecord) -> Result<()> {
+        for member in &group.snapshot_ids {
+            self.undo_snapshot(member)?;
+        }
+        self.groups.remove(&group.id)
     }
 
     fn group_members(&self, group: &GroupSnapshotRecord) -> Result<Vec<SnapshotRecord>> {
@@ -253,13 +303,14 @@ impl Engine {
         require("group_snapshot_id", raw_id)?;
         let Some(id) = GroupSnapshotId::parse(raw_id) else { return Ok(()) };
         let _guard = self.locks.try_lock(id.as_str())?;
-        let Some(group) = self.groups.load(&id)? else { return Ok(()) };
-        Self::check_member_list(&group, snapshot_ids)?;
-        for member in &group.snapshot_ids {
-            self.pool.remove_snapshot_image(member)?;
-            self.snapshots.remove(member)?;
+        let Some(mut group) = self.groups.load_any(&id)? else { return Ok(()) };
+        if group.phase.is_ready() {
+            Self::check_member_list(&group, snapshot_ids)?;
         }
-        self.groups.remove(&id)?;
+        group.phase = Phase::Deleting;
+        self.groups.save(&group)?;
+        failpoint::check("group_delete.intent_saved")?;
+        self.undo_group(&group)?;
         tracing::info!(group_snapshot_id = %id, "group snapshot deleted");
         Ok(())
     }

@@ -1,5 +1,9 @@
 //! Durable records: one JSON file per object, replaced atomically (write a temp file, fsync,
 //! rename over, fsync the directory), so a crash leaves either the old or the new record.
+//!
+//! Every record carries the schema it was written with (`"schema": N`; none means 1, what
+//! plinth 0.1 wrote). An older record is migrated when read (and written back in the new schema
+//! at its next save); a newer one is refused with a clear error rather than misread.
 
 use std::fs::File;
 use std::io::Write;
@@ -9,14 +13,40 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::error::{Context, Result};
+use crate::error::{Context, Error, Result};
 use crate::ids::RecordId;
+
+/// Where an object is in its life. `Creating` and `Deleting` are intents, saved before the work
+/// they announce: a crash in the middle leaves the intent, and the next start finishes it (a
+/// creation nobody was told about is undone, a deletion is completed) instead of leaking files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    #[default]
+    Ready,
+    Creating,
+    Deleting,
+}
+
+impl Phase {
+    pub fn is_ready(&self) -> bool {
+        *self == Phase::Ready
+    }
+}
 
 /// Something kept in a [`Store`], keyed by its ID.
 pub trait Record: Serialize + DeserializeOwned {
     type Id: RecordId;
+    /// The schema this plinth writes and reads up to.
+    const SCHEMA: u32;
     fn id(&self) -> &Self::Id;
+    fn phase(&self) -> Phase;
+    /// Rewrites a record of schema `from` into schema `from + 1`. The default is for schema steps
+    /// that only added fields with defaults.
+    fn upgrade(_record: &mut serde_json::Value, _from: u32) {}
 }
+
+const SCHEMA_KEY: &str = "schema";
 
 #[derive(Debug)]
 pub struct Store<R> {
@@ -61,20 +91,53 @@ impl<R: Record> Store<R> {
         self.dir.join(format!("{}.json", id.as_str()))
     }
 
+    /// The record, if it exists and is [`Phase::Ready`] (an intent is not an object yet/any more).
     pub fn load(&self, id: &R::Id) -> Result<Option<R>> {
+        Ok(self.load_any(id)?.filter(|r| r.phase().is_ready()))
+    }
+
+    /// The record whatever its phase.
+    pub fn load_any(&self, id: &R::Id) -> Result<Option<R>> {
         let path = self.path(id);
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).context(|| format!("reading {}", path.display())),
         };
-        serde_json::from_slice(&bytes).map(Some).context(|| format!("parsing {}", path.display()))
+        let mut value: serde_json::Value =
+            serde_json::from_slice(&bytes).context(|| format!("parsing {}", path.display()))?;
+        let schema = match value.get(SCHEMA_KEY) {
+            None => 1,
+            Some(found) => found
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| Error::internal(format!("parsing {}", path.display()), "schema is not a number"))?,
+        };
+        if schema > R::SCHEMA {
+            return Err(Error::FailedPrecondition(format!(
+                "{} was written by a newer plinth (record schema {schema}); this plinth reads schema {} and \
+                 older: run that newer plinth again (or restore this data dir from before it)",
+                path.display(),
+                R::SCHEMA
+            )));
+        }
+        for from in schema..R::SCHEMA {
+            R::upgrade(&mut value, from);
+        }
+        if let Some(object) = value.as_object_mut() {
+            object.remove(SCHEMA_KEY);
+        }
+        serde_json::from_value(value).map(Some).context(|| format!("parsing {} (schema {schema})", path.display()))
     }
 
     pub fn save(&self, record: &R) -> Result<()> {
         crate::failpoint::check("store.save")?;
         let path = self.path(record.id());
-        let bytes = serde_json::to_vec_pretty(record).context(|| format!("encoding {}", record.id()))?;
+        let mut value = serde_json::to_value(record).context(|| format!("encoding {}", record.id()))?;
+        if let Some(object) = value.as_object_mut() {
+            object.insert(SCHEMA_KEY.to_owned(), R::SCHEMA.into());
+        }
+        let bytes = serde_json::to_vec_pretty(&value).context(|| format!("encoding {}", record.id()))?;
         write_atomic(&path, &bytes).context(|| format!("writing {}", path.display()))
     }
 
@@ -87,8 +150,13 @@ impl<R: Record> Store<R> {
         }
     }
 
-    /// Every record, ordered by ID (the order pagination relies on).
+    /// Every [`Phase::Ready`] record, ordered by ID (the order pagination relies on).
     pub fn list(&self) -> Result<Vec<R>> {
+        Ok(self.list_any()?.into_iter().filter(|r| r.phase().is_ready()).collect())
+    }
+
+    /// Every record whatever its phase, ordered by ID.
+    pub fn list_any(&self) -> Result<Vec<R>> {
         let mut ids = Vec::new();
         for entry in std::fs::read_dir(&self.dir).context(|| format!("listing {}", self.dir.display()))? {
             let entry = entry.context(|| format!("listing {}", self.dir.display()))?;
@@ -99,7 +167,7 @@ impl<R: Record> Store<R> {
         }
         ids.sort();
         // A record removed between listing and loading is simply gone.
-        Ok(ids.iter().map(|id| self.load(id)).collect::<Result<Vec<_>>>()?.into_iter().flatten().collect())
+        Ok(ids.iter().map(|id| self.load_any(id)).collect::<Result<Vec<_>>>()?.into_iter().flatten().collect())
     }
 }
 
@@ -122,6 +190,9 @@ mod tests {
             content_source: None,
             filesystem_bytes: 0,
             mkfs_options: Vec::new(),
+            loop_block_size: Some(4096),
+            filesystem_usable_bytes: None,
+            phase: Phase::Ready,
         }
     }
 
@@ -141,5 +212,68 @@ mod tests {
         store.remove(&a.id).unwrap();
         assert_eq!(store.load(&a.id).unwrap(), None);
         assert_eq!(std::fs::read_dir(dir.path().join("volumes")).unwrap().count(), 1);
+    }
+
+    /// Copies the records plinth 0.1 (record schema 1) wrote into `data`.
+    fn v1_records(data: &Path) {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/records/v1");
+        for kind in ["volumes", "snapshots", "group-snapshots"] {
+            std::fs::create_dir_all(data.join(kind)).unwrap();
+            for entry in std::fs::read_dir(fixtures.join(kind)).unwrap() {
+                let entry = entry.unwrap();
+                std::fs::copy(entry.path(), data.join(kind).join(entry.file_name())).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn records_of_schema_1_load_and_are_written_back_as_schema_2() {
+        use crate::model::{ContentSource, GroupSnapshotRecord, SnapshotRecord};
+        let dir = tempfile::tempdir().unwrap();
+        v1_records(dir.path());
+        let volumes: Store<VolumeRecord> = Store::open(dir.path().join("volumes")).unwrap();
+        let listed = volumes.list().unwrap();
+        assert_eq!(listed.len(), 2);
+        let staged = listed.iter().find(|v| v.name == "pvc-staged-ext4").unwrap();
+        assert_eq!(staged.layout, Layout::Filesystem { fs_type: crate::model::FsType::Ext4 });
+        assert_eq!(staged.staged.as_ref().unwrap().mount_flags, vec!["noatime".to_owned()]);
+        assert_eq!(staged.published.len(), 1);
+        assert_eq!(staged.mkfs_options, vec!["-b".to_owned(), "4096".to_owned()]);
+        assert_eq!(staged.loop_block_size, None, "schema 1 did not record the geometry: found out at stage");
+        let block = listed.iter().find(|v| v.name == "restored-block").unwrap();
+        assert_eq!(block.provisioning, Provisioning::Thick);
+        assert!(matches!(block.content_source, Some(ContentSource::Snapshot(_))));
+
+        let snapshots: Store<SnapshotRecord> = Store::open(dir.path().join("snapshots")).unwrap();
+        let snapshot = snapshots.list().unwrap().pop().unwrap();
+        assert_eq!((snapshot.name.as_str(), snapshot.copy_method.as_str()), ("nightly", "reflink"));
+        assert!(snapshot.group_snapshot_id.is_some());
+        let groups: Store<GroupSnapshotRecord> = Store::open(dir.path().join("group-snapshots")).unwrap();
+        assert_eq!(groups.list().unwrap().pop().unwrap().snapshot_ids, vec![snapshot.id.clone()]);
+
+        volumes.save(staged).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("volumes").join(format!("{}.json", staged.id))).unwrap();
+        let written: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(written["schema"], 2);
+        assert_eq!(volumes.load(&staged.id).unwrap().as_ref(), Some(staged));
+    }
+
+    #[test]
+    fn a_record_of_a_newer_schema_is_refused_not_misread() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Store<VolumeRecord> = Store::open(dir.path().join("volumes")).unwrap();
+        let a = record("a");
+        store.save(&a).unwrap();
+        let path = dir.path().join("volumes").join(format!("{}.json", a.id));
+        let mut value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        value["schema"] = 3.into();
+        value["a_field_from_the_future"] = "?".into();
+        std::fs::write(&path, serde_json::to_vec(&value).unwrap()).unwrap();
+        let err = store.load(&a.id).unwrap_err();
+        assert!(
+            matches!(err, Error::FailedPrecondition(ref m) if m.contains("newer plinth") && m.contains("schema 3")),
+            "{err:?}"
+        );
+        assert!(store.list().is_err(), "listing refuses too: nothing acts on a half-understood record");
     }
 }

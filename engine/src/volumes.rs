@@ -5,12 +5,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::Engine;
 use crate::caps::{AccessType, Capability};
 use crate::error::{Error, Result};
+use crate::failpoint;
 use crate::ids::SnapshotId;
 use crate::ids::VolumeId;
 use crate::mkfsopts;
 use crate::model::{ContentSource, FsType, Layout, MutableParameters, Provisioning, VolumeParameters, VolumeRecord};
 use crate::pool::Capacity;
 use crate::size::{MIB, resolve_capacity};
+use crate::store::Phase;
 
 const MAX_NAME_LEN: usize = 1024;
 
@@ -41,6 +43,8 @@ struct Source {
     size_bytes: u64,
     layout: Layout,
     filesystem_bytes: u64,
+    /// A copy keeps its source's geometry (`None`: unknown, found out at its first stage).
+    loop_block_size: Option<u32>,
 }
 
 /// The layout a create request asks for: a filesystem if any capability mounts it. The flag
@@ -147,14 +151,19 @@ impl Engine {
             layout.fs_type().map_or(MIB, FsType::minimum_bytes).max(source.as_ref().map_or(0, |s| s.size_bytes));
         let size = resolve_capacity(request.required_bytes, request.limit_bytes, self.default_volume_size, minimum)?;
 
-        if let Some(existing) = self.store.load(&id)? {
-            return self.check_compatible(
-                existing,
-                request,
-                layout,
-                provisioning,
-                source.as_ref().map(|s| &s.reference),
-            );
+        match self.store.load_any(&id)? {
+            Some(existing) if existing.phase.is_ready() => {
+                return self.check_compatible(
+                    existing,
+                    request,
+                    layout,
+                    provisioning,
+                    source.as_ref().map(|s| &s.reference),
+                );
+            }
+            // A creation or deletion a crash interrupted (nobody was told it succeeded): clear it.
+            Some(interrupted) => self.undo_volume(&interrupted.id)?,
+            None => {}
         }
         let frozen = match (&source, &request.content_source) {
             (Some(_), Some(SourceRequest::Volume(raw))) => {
@@ -167,15 +176,7 @@ impl Engine {
             _ => None,
         };
         let reservation = self.reserve(size, || format!("volume {}", request.name))?;
-        match &source {
-            None => self.pool.create_image(&id, size, provisioning)?,
-            Some(source) => {
-                let method = self.pool.create_image_from(&source.image, &id, size, provisioning)?;
-                tracing::info!(volume_id = %id, method = method.as_str(), "volume data copied from its source");
-            }
-        }
-        drop(frozen);
-        let record = VolumeRecord {
+        let mut record = VolumeRecord {
             id: id.clone(),
             name: request.name.clone(),
             capacity_bytes: size,
@@ -187,14 +188,43 @@ impl Engine {
             content_source: source.as_ref().map(|s| s.reference.clone()),
             filesystem_bytes: source.as_ref().map_or(0, |s| s.filesystem_bytes),
             mkfs_options,
+            loop_block_size: match &source {
+                Some(source) => source.loop_block_size,
+                None => Some(crate::sys::loopdev::LOGICAL_BLOCK_SIZE),
+            },
+            filesystem_usable_bytes: None,
+            phase: Phase::Creating,
         };
-        if let Err(err) = self.store.save(&record) {
-            let _ = self.pool.remove_image(&id);
-            return Err(err);
+        // The intent first: a crash from here on leaves a record that says "undo me".
+        self.store.save(&record)?;
+        let made = (|| -> Result<()> {
+            failpoint::check("create.intent_saved")?;
+            match &source {
+                None => self.pool.create_image(&id, size, provisioning)?,
+                Some(source) => {
+                    let method = self.pool.create_image_from(&source.image, &id, size, provisioning)?;
+                    tracing::info!(volume_id = %id, method = method.as_str(), "volume data copied from its source");
+                }
+            }
+            failpoint::check("create.image_made")?;
+            record.phase = Phase::Ready;
+            self.store.save(&record)
+        })();
+        drop(frozen);
+        if let Err(err) = made {
+            let _ = self.undo_volume(&id);
+            return Err(self.pool_full_or(err));
         }
         drop(reservation);
         tracing::info!(volume_id = %id, name = %record.name, size, layout = ?layout, "volume created");
         Ok(record)
+    }
+
+    /// Removes what an unfinished creation or deletion left: the image (or its partial copy) and
+    /// the intent record.
+    pub(crate) fn undo_volume(&self, id: &VolumeId) -> Result<()> {
+        self.pool.remove_image(id)?;
+        self.store.remove(id)
     }
 
     fn lookup_source(&self, wanted: &SourceRequest) -> Result<(Source, Option<crate::locks::OperationGuard>)> {
@@ -212,6 +242,7 @@ impl Engine {
                         size_bytes: snapshot.size_bytes,
                         layout: snapshot.layout,
                         filesystem_bytes: snapshot.filesystem_bytes,
+                        loop_block_size: snapshot.loop_block_size,
                     },
                     None,
                 ))
@@ -231,6 +262,7 @@ impl Engine {
                         size_bytes: volume.capacity_bytes,
                         layout: volume.layout,
                         filesystem_bytes: volume.filesystem_bytes,
+                        loop_block_size: volume.loop_block_size,
                     },
                     Some(guard),
                 ))
@@ -290,7 +322,8 @@ impl Engine {
             return Ok((current, needs_node));
         }
         let reservation = self.reserve(wanted - current, || format!("growing {id}"))?;
-        self.pool.grow_image(&id, wanted, record.provisioning)?;
+        self.pool.grow_image(&id, wanted, record.provisioning).map_err(|e| self.pool_full_or(e))?;
+        failpoint::check("expand.image_grown")?;
         record.capacity_bytes = wanted;
         self.store.save(&record)?;
         drop(reservation);
@@ -311,7 +344,10 @@ impl Engine {
             | (Some(Provisioning::Thin), Provisioning::Thin)
             | (Some(Provisioning::Thick), Provisioning::Thick) => Ok(()),
             (Some(Provisioning::Thick), Provisioning::Thin) => {
-                self.pool.grow_image(&id, record.capacity_bytes, Provisioning::Thick)?;
+                self.pool
+                    .grow_image(&id, record.capacity_bytes, Provisioning::Thick)
+                    .map_err(|e| self.pool_full_or(e))?;
+                failpoint::check("modify.preallocated")?;
                 record.provisioning = Provisioning::Thick;
                 self.store.save(&record)?;
                 tracing::info!(volume_id = %id, "volume preallocated (now thick)");
@@ -353,11 +389,17 @@ impl Engine {
                 device.path().display()
             )));
         }
+        let Some(mut record) = record.or(self.store.load_any(&id)?) else {
+            // No record: at most a stray image of an interrupted create.
+            return self.pool.remove_image(&id);
+        };
+        record.phase = Phase::Deleting;
+        self.store.save(&record)?;
+        failpoint::check("delete.intent_saved")?;
         self.pool.remove_image(&id)?;
+        failpoint::check("delete.image_removed")?;
         self.store.remove(&id)?;
-        if record.is_some() {
-            tracing::info!(volume_id = %id, "volume deleted");
-        }
+        tracing::info!(volume_id = %id, "volume deleted");
         Ok(())
     }
 

@@ -110,7 +110,7 @@ async fn exchange(socket: &Path, authority: &str) -> Outcome {
 
 async fn serve(socket: &Path, normalized: bool) -> tokio::task::JoinHandle<()> {
     let listener = plinth_socket::bind(socket).expect("bind");
-    let router = tonic::transport::Server::builder().add_service(IdentityServer::new(Named));
+    let router = plinth_socket::server().add_service(IdentityServer::new(Named));
     tokio::spawn(async move {
         if normalized {
             router.serve_with_incoming(plinth_socket::incoming(listener)).await.expect("serve");
@@ -146,4 +146,42 @@ async fn without_the_adapter_h2_resets_a_path_authority() {
     assert_eq!(exchange(&socket, KUBELET_AUTHORITY).await, Outcome::Reset(1), "PROTOCOL_ERROR");
     assert!(matches!(exchange(&socket, "localhost").await, Outcome::Served { .. }));
     server.abort();
+}
+
+async fn flood(socket: &Path, calls: usize) -> Result<(), tonic::Status> {
+    use hyper_util::rt::TokioIo;
+    use plinth_proto::csi_v1::identity_client::IdentityClient;
+    let path = socket.to_owned();
+    let channel = tonic::transport::Endpoint::try_from("http://localhost")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .unwrap();
+    let client = IdentityClient::new(channel);
+    let tasks: Vec<_> = (0..calls)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move { client.get_plugin_info(GetPluginInfoRequest {}).await.map(drop) })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap()?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn thousands_of_concurrent_streams_pass_through_the_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain.sock");
+    let normalized = dir.path().join("normalized.sock");
+    let a = serve(&plain, false).await;
+    let b = serve(&normalized, true).await;
+    flood(&plain, 3000).await.expect("without the adapter");
+    flood(&normalized, 3000).await.expect("through the adapter");
+    a.abort();
+    b.abort();
 }

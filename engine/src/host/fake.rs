@@ -10,8 +10,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{FrozenFs, Host, HostError, HostResult};
+use super::{BindSource, FrozenFs, Host, HostError, HostResult};
 use crate::model::FsType;
+use crate::paths::Pinned;
 use crate::sys::loopdev::{Backing, LoopDevice};
 use crate::sys::mkfs::Probe;
 use crate::sys::mount::MsFlags;
@@ -21,7 +22,7 @@ use crate::sys::statfs::FsUsage;
 /// One recorded call, with the arguments that matter to the engine's decisions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
-    Attach { image: PathBuf, read_only: bool },
+    Attach { image: PathBuf, read_only: bool, block_size: u32 },
     Detach(PathBuf),
     RefreshCapacity(PathBuf),
     MountFilesystem { device: PathBuf, target: PathBuf, fs: FsType, flags: MsFlags, data: String },
@@ -57,6 +58,7 @@ pub enum Op {
 #[derive(Debug, Clone)]
 struct Attached {
     backing: PathBuf,
+    block_size: u32,
     /// The backing file's identity, taken at attach time (as the kernel holds the inode).
     identity: Backing,
     size: u64,
@@ -207,6 +209,11 @@ impl FakeHost {
         self.state().frozen.iter().cloned().collect()
     }
 
+    /// A process froze the filesystem at `mount_point` and died without thawing it.
+    pub fn leave_frozen(&self, mount_point: &Path) {
+        self.state().frozen.insert(mount_point.to_owned());
+    }
+
     /// What a reboot does: every attachment and mount is gone, the data on images stays.
     pub fn reboot(&self) {
         let mut state = self.state();
@@ -270,9 +277,9 @@ impl Host for FakeHost {
         Ok(self.state().loops.iter().map(|(n, a)| (LoopDevice { number: *n }, a.identity.clone())).collect())
     }
 
-    fn attach_loop(&self, image: &Path, read_only: bool) -> HostResult<LoopDevice> {
+    fn attach_loop(&self, image: &Path, read_only: bool, block_size: u32) -> HostResult<LoopDevice> {
         let mut state = self.state();
-        state.calls.push(Call::Attach { image: image.to_owned(), read_only });
+        state.calls.push(Call::Attach { image: image.to_owned(), read_only, block_size });
         if state.fails(Op::Attach) {
             return Err(injected(Op::Attach));
         }
@@ -284,7 +291,7 @@ impl Host for FakeHost {
             inode: metadata.ino(),
         };
         let number = (0..).find(|n| !state.loops.contains_key(n)).expect("a free number");
-        state.loops.insert(number, Attached { backing: image.to_owned(), identity, size: metadata.len() });
+        state.loops.insert(number, Attached { backing: image.to_owned(), block_size, identity, size: metadata.len() });
         Ok(LoopDevice { number })
     }
 
@@ -333,7 +340,15 @@ impl Host for FakeHost {
         Ok(MountTable::from_entries(state.mounts.clone()))
     }
 
-    fn mount_filesystem(&self, device: &Path, target: &Path, fs: FsType, flags: MsFlags, data: &str) -> HostResult<()> {
+    fn mount_filesystem(
+        &self,
+        device: &Path,
+        target: &Pinned,
+        fs: FsType,
+        flags: MsFlags,
+        data: &str,
+    ) -> HostResult<()> {
+        let target = target.path();
         let mut state = self.state();
         state.calls.push(Call::MountFilesystem {
             device: device.to_owned(),
@@ -349,7 +364,14 @@ impl Host for FakeHost {
             return Err(missing("mounting at", target));
         }
         let image = state.backing_of(device).ok_or_else(|| missing("mounting", device))?;
-        let formatted = state.contents.get(&image).is_some_and(|c| c.probe == Probe::Filesystem(fs.as_str().into()));
+        let attached_block_size =
+            LoopDevice::from_path(device).and_then(|d| state.loops.get(&d.number)).map(|a| a.block_size);
+        let formatted = state.contents.get(&image).is_some_and(|c| {
+            // Like the kernel: a filesystem whose blocks are smaller than the device's logical
+            // block does not mount.
+            matches!(&c.probe, Probe::Filesystem { fs: found, block_size } if found == fs.as_str()
+                && block_size.is_none_or(|bs| attached_block_size.is_none_or(|device| bs >= device)))
+        });
         if !formatted {
             return Err(HostError::Io {
                 what: "mounting (wrong fs type or bad superblock)",
@@ -373,7 +395,12 @@ impl Host for FakeHost {
         Ok(())
     }
 
-    fn bind_mount(&self, source: &Path, target: &Path, flags: MsFlags) -> HostResult<()> {
+    fn bind_mount(&self, source: BindSource<'_>, target: &Pinned, flags: MsFlags) -> HostResult<()> {
+        let source = match source {
+            BindSource::Device(device) => device,
+            BindSource::Dir(dir) => dir.path(),
+        };
+        let target = target.path();
         let mut state = self.state();
         state.calls.push(Call::Bind { source: source.to_owned(), target: target.to_owned(), flags });
         if state.fails(Op::Bind) {
@@ -435,7 +462,10 @@ impl Host for FakeHost {
         }
         let number = LoopDevice::from_path(device).map(|d| d.number).ok_or_else(|| missing("formatting", device))?;
         let attached = state.loops.get(&number).cloned().ok_or_else(|| missing("formatting", device))?;
-        let content = Content { probe: Probe::Filesystem(fs.as_str().into()), filesystem_bytes: attached.size };
+        let content = Content {
+            probe: Probe::Filesystem { fs: fs.as_str().into(), block_size: Some(attached.block_size) },
+            filesystem_bytes: attached.size,
+        };
         state.contents.insert(attached.backing, content);
         Ok(())
     }
@@ -466,6 +496,12 @@ impl Host for FakeHost {
         }
         state.frozen.insert(mount_point.to_owned());
         Ok(Box::new(FakeFrozen { state: Arc::clone(&self.state), mount_point: mount_point.to_owned() }))
+    }
+
+    fn thaw(&self, mount_point: &Path) -> HostResult<bool> {
+        let mut state = self.state();
+        state.calls.push(Call::Thaw(mount_point.to_owned()));
+        Ok(state.frozen.remove(mount_point))
     }
 
     fn statfs(&self, path: &Path) -> HostResult<FsUsage> {

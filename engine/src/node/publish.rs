@@ -6,9 +6,12 @@ use super::{ensure_target, remove_target};
 use crate::Engine;
 use crate::caps::{AccessType, Capability};
 use crate::error::{Error, Result};
+use crate::failpoint;
+use crate::host::BindSource;
 use crate::ids::VolumeId;
 use crate::model::{Layout, Published};
 use crate::mountopts;
+use crate::paths::Pinned;
 use crate::sys::mount::MsFlags;
 
 /// The per-mount flags of a publication: what publish applies and what a restart restores, from
@@ -88,6 +91,12 @@ impl Engine {
                     && existing.is_read_only() == publication.read_only
                     && recorded.is_none_or(|p| p.block == block)
                 {
+                    if recorded.is_none() {
+                        // Mounted by a publish that crashed before its record: record it now, so
+                        // single-writer checks and restores know of it.
+                        record.published.insert(target.clone(), publication.clone());
+                        self.store.save(&record)?;
+                    }
                     return Ok(());
                 }
                 return Err(Error::AlreadyExists(format!(
@@ -96,15 +105,27 @@ impl Engine {
                 )));
             }
             let created = ensure_target(&target, block)?;
-            let source = if block { device.path() } else { staging.clone() };
-            if let Err(err) = self.host.bind_mount(&source, &target, flags) {
+            failpoint::check("publish.target_ready")?;
+            let bound = Pinned::open(&target).and_then(|pinned| {
+                failpoint::check("publish.pinned")?;
+                let device_path = device.path();
+                let source_dir;
+                let source = if block {
+                    BindSource::Device(&device_path)
+                } else {
+                    source_dir = Pinned::open(&staging)?;
+                    BindSource::Dir(&source_dir)
+                };
+                self.host.bind_mount(source, &pinned, flags).map_err(|e| Error::internal(format!("publishing {id}"), e))
+            });
+            if let Err(err) = bound {
                 if created {
                     let _ = remove_target(&target);
                 }
-                return Err(Error::internal(format!("publishing {id}"), err));
+                return Err(err);
             }
             record.published.insert(target.clone(), publication.clone());
-            if let Err(err) = self.store.save(&record) {
+            if let Err(err) = failpoint::check("publish.bound").and_then(|()| self.store.save(&record)) {
                 record.published.remove(&target);
                 let _ = self.host.unmount(&target);
                 if created {
@@ -140,6 +161,7 @@ impl Engine {
                 )));
             }
             self.host.unmount(&target).map_err(|e| Error::internal(format!("unpublishing {id}"), e))?;
+            failpoint::check("unpublish.unmounted")?;
         }
         remove_target(&target)?;
         if record.published.remove(&target).is_some() {
@@ -159,13 +181,22 @@ impl Engine {
         published: &Published,
     ) -> Result<()> {
         let flags = bind_flags(layout, published, &self.allowed_mount_options)?;
-        let source = if published.block { device } else { staging };
         let created = ensure_target(target, published.block)?;
-        if let Err(err) = self.host.bind_mount(source, target, flags) {
+        let bound = Pinned::open(target).and_then(|pinned| {
+            let source_dir;
+            let source = if published.block {
+                BindSource::Device(device)
+            } else {
+                source_dir = Pinned::open(staging)?;
+                BindSource::Dir(&source_dir)
+            };
+            self.host.bind_mount(source, &pinned, flags).map_err(|e| Error::internal("restoring publication", e))
+        });
+        if let Err(err) = bound {
             if created {
                 let _ = remove_target(target);
             }
-            return Err(Error::internal("restoring publication", err));
+            return Err(err);
         }
         Ok(())
     }

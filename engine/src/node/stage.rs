@@ -7,9 +7,11 @@ use super::ensure_target;
 use crate::Engine;
 use crate::caps::{AccessType, Capability};
 use crate::error::{Error, Result};
+use crate::failpoint;
 use crate::ids::VolumeId;
 use crate::model::{FsType, Layout, Staged, VolumeRecord};
 use crate::mountopts;
+use crate::paths::Pinned;
 use crate::sys::loopdev::LoopDevice;
 use crate::sys::mkfs::Probe;
 use crate::sys::mount::MsFlags;
@@ -72,13 +74,7 @@ impl Engine {
         }
         let (device, attached_here) = match attached {
             Some(device) => (device, false),
-            None => {
-                let device = self
-                    .host
-                    .attach_loop(&image, false)
-                    .map_err(|e| Error::internal(format!("attaching volume {id}"), e))?;
-                (device, true)
-            }
+            None => (self.attach_with_its_geometry(record, &image, mount_fs.is_some())?, true),
         };
         let mut done = StageDone {
             device,
@@ -87,13 +83,15 @@ impl Engine {
             created_staging_dir: false,
             previous: record.staged.clone(),
         };
-        let prepared = self.refresh_device_size(record, device).and_then(|()| match mount_fs {
-            Some(fs) => self.mount_staging(record, &mut done, staging, fs, &mount_flags, cap.mode.read_only()),
-            None => Ok(()),
-        });
+        let prepared = failpoint::check("stage.attached")
+            .and_then(|()| self.refresh_device_size(record, device))
+            .and_then(|()| match mount_fs {
+                Some(fs) => self.mount_staging(record, &mut done, staging, fs, &mount_flags, cap.mode.read_only()),
+                None => Ok(()),
+            });
         if let Err(err) = prepared {
             self.undo_stage(&done, staging);
-            return Err(err);
+            return Err(self.pool_full_or(err));
         }
         if !self.host.loop_direct_io(device) {
             tracing::warn!(volume_id = %id, device = %device.path().display(),
@@ -113,6 +111,48 @@ impl Engine {
         }
         tracing::info!(volume_id = %id, device = %device.path().display(), staging = %staging.display(), "volume staged");
         Ok(done)
+    }
+
+    /// Attaches the image with the logical block size its filesystem was made for. Volumes of
+    /// record schema 1 may predate plinth's fixed 4096 (a filesystem with 1 KiB blocks or 512-byte
+    /// sectors, which a 4096 device cannot mount): their geometry is read off the filesystem
+    /// once and recorded with the stage.
+    fn attach_with_its_geometry(
+        &self,
+        record: &mut VolumeRecord,
+        image: &Path,
+        filesystem: bool,
+    ) -> Result<LoopDevice> {
+        use crate::sys::loopdev::LOGICAL_BLOCK_SIZE;
+        const LEGACY_BLOCK_SIZE: u32 = 512;
+        let id = record.id.clone();
+        let attach = |block_size| {
+            self.host
+                .attach_loop(image, false, block_size)
+                .map_err(|e| Error::internal(format!("attaching volume {id}"), e))
+        };
+        let device = attach(record.loop_block_size.unwrap_or(LOGICAL_BLOCK_SIZE))?;
+        if record.loop_block_size.is_some() || !filesystem {
+            return Ok(device);
+        }
+        let probed = self.host.probe(&device.path()).map_err(|e| Error::internal(format!("probing {id}"), e));
+        let legacy = match probed {
+            Ok(Probe::Filesystem { block_size: Some(bs), .. }) => bs < LOGICAL_BLOCK_SIZE,
+            Ok(_) => false,
+            Err(err) => {
+                let _ = self.host.detach_loop(device);
+                return Err(err);
+            }
+        };
+        if !legacy {
+            record.loop_block_size = Some(LOGICAL_BLOCK_SIZE);
+            return Ok(device);
+        }
+        tracing::info!(volume_id = %id, "formatted for 512-byte sectors before plinth fixed 4096: attaching it so");
+        self.host.detach_loop(device).map_err(|e| Error::internal(format!("re-attaching {id}"), e))?;
+        let device = attach(LEGACY_BLOCK_SIZE)?;
+        record.loop_block_size = Some(LEGACY_BLOCK_SIZE);
+        Ok(device)
     }
 
     /// Reverses what one stage did (best effort: the caller reports the original error).
@@ -191,8 +231,9 @@ impl Engine {
                     .make_filesystem(&dev_path, fs, &record.mkfs_options)
                     .map_err(|e| Error::internal(format!("formatting {id}"), e))?;
                 record.filesystem_bytes = record.capacity_bytes;
+                failpoint::check("stage.formatted")?;
             }
-            Probe::Filesystem(found) if found == fs.as_str() => {
+            Probe::Filesystem { fs: found, .. } if found == fs.as_str() => {
                 if fs == FsType::Ext4 && wants_growth(record) {
                     self.host
                         .grow_unmounted_ext4(&dev_path)
@@ -201,7 +242,7 @@ impl Engine {
                     record.filesystem_bytes = record.capacity_bytes;
                 }
             }
-            Probe::Filesystem(found) => {
+            Probe::Filesystem { fs: found, .. } => {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {id} holds a {found} filesystem, not {}; plinth never reformats existing data",
                     fs.as_str()
@@ -214,13 +255,18 @@ impl Engine {
             }
         }
         done.created_staging_dir = ensure_target(staging, false)?;
+        let pinned = Pinned::open(staging)?;
         self.host
-            .mount_filesystem(&dev_path, staging, fs, options.flags, &options.data_string())
+            .mount_filesystem(&dev_path, &pinned, fs, options.flags, &options.data_string())
             .map_err(|e| Error::internal(format!("mounting {id}"), e))?;
         done.mounted_here = true;
+        failpoint::check("stage.mounted")?;
         if wants_growth(record) {
             // xfs and btrfs grow only while mounted.
             self.grow_mounted(record, done.device, staging, fs)?;
+        } else if record.filesystem_bytes == record.capacity_bytes && record.filesystem_usable_bytes.is_none() {
+            // The reference a later growth is checked against (volumes made before it was kept).
+            record.filesystem_usable_bytes = self.host.statfs(staging).ok().map(|u| u.total_bytes);
         }
         Ok(())
     }
@@ -242,6 +288,9 @@ impl Engine {
                 .map_err(|e| Error::internal(format!("statfs {} {what}", mount_point.display()), e))
         };
         let before = usage("before growing")?;
+        // What the filesystem offered at its last known size: after a crash between a growth and
+        // its record, `before` already shows the grown size, and this still tells them apart.
+        let reference = record.filesystem_usable_bytes.map_or(before, |known| known.min(before));
         self.host.grow_filesystem(&device.path(), mount_point, fs).map_err(|e| {
             let hint = if fs == FsType::Ext4 {
                 " (online ext4 growth needs CAP_SYS_RESOURCE; without it the filesystem grows on next stage)"
@@ -251,7 +300,7 @@ impl Engine {
             Error::internal(format!("growing the filesystem of {id}{hint}"), e)
         })?;
         let after = usage("after growing")?;
-        if after <= before {
+        if after <= reference {
             return Err(Error::internal(
                 format!("growing the filesystem of {id}"),
                 format!("it still has {after} bytes after growing to a {} byte device", record.capacity_bytes),
@@ -259,6 +308,7 @@ impl Engine {
         }
         tracing::info!(volume_id = %id, from = before, to = after, "filesystem grown");
         record.filesystem_bytes = record.capacity_bytes;
+        record.filesystem_usable_bytes = Some(after);
         Ok(())
     }
 
@@ -287,7 +337,8 @@ impl Engine {
             (record.layout, staged.filesystem_mounted, staged.read_only)
             && record.filesystem_bytes < record.capacity_bytes
         {
-            self.grow_mounted(&mut record, device, &staged.staging_path, fs_type)?;
+            self.grow_mounted(&mut record, device, &staged.staging_path, fs_type).map_err(|e| self.pool_full_or(e))?;
+            failpoint::check("node_expand.grown")?;
             self.store.save(&record)?;
         }
         self.host.loop_size(device).map_err(|e| Error::internal(format!("sizing {id}"), e))
@@ -340,6 +391,7 @@ impl Engine {
                 )));
             }
             self.host.unmount(&staging).map_err(|e| Error::internal(format!("unstaging {id}"), e))?;
+            failpoint::check("unstage.unmounted")?;
         }
         if let Some(device) = device {
             let table = self.mount_table()?;
@@ -352,6 +404,7 @@ impl Engine {
                 )));
             }
             self.host.detach_loop(device).map_err(|e| Error::internal(format!("detaching {id}"), e))?;
+            failpoint::check("unstage.detached")?;
         }
         record.staged = None;
         record.published.clear();

@@ -18,7 +18,17 @@ const MIB: u64 = 1 << 20;
 struct Node {
     dir: tempfile::TempDir,
     host: FakeHost,
-    engine: Engine,
+    engine: Slot,
+}
+
+/// The node's engine; empty only while it restarts (one engine per data dir at a time).
+struct Slot(Option<Engine>);
+
+impl std::ops::Deref for Slot {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        self.0.as_ref().expect("an engine")
+    }
 }
 
 fn mount_cap(flags: &[&str], mode: AccessMode) -> Capability {
@@ -48,7 +58,7 @@ impl Node {
     fn with_options(allowed_mount_options: &[&str], restore_publications: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let host = FakeHost::new();
-        let engine = Self::open(dir.path(), &host, allowed_mount_options, restore_publications);
+        let engine = Slot(Some(Self::open(dir.path(), &host, allowed_mount_options, restore_publications)));
         Self { dir, host, engine }
     }
 
@@ -67,7 +77,8 @@ impl Node {
 
     /// The same data dir and host, a new engine: a plinth restart.
     fn restart(&mut self) {
-        self.engine = Self::open(self.dir.path(), &self.host, &[], true);
+        self.engine.0 = None;
+        self.engine.0 = Some(Self::open(self.dir.path(), &self.host, &[], true));
     }
 
     fn create(&self, name: &str, fs: Option<FsType>) -> VolumeRecord {
@@ -183,7 +194,7 @@ fn stage_after_a_failed_mount_reuses_the_device_it_left_attached() {
     let node = Node::new();
     let volume = node.create("v", Some(FsType::Ext4));
     use crate::host::Host;
-    node.host.attach_loop(&node.image(&volume.id), false).unwrap();
+    node.host.attach_loop(&node.image(&volume.id), false, 4096).unwrap();
     node.host.clear_calls();
     node.stage(&volume.id, &fs_cap()).unwrap();
     assert_eq!(node.count(|c| matches!(c, Call::Attach { .. })), 0);
@@ -196,7 +207,7 @@ fn stage_never_formats_over_a_foreign_signature_and_leaves_nothing() {
     let volume = node.create("v", Some(FsType::Ext4));
     for (content, expected) in [
         (Probe::Other("gpt partition table".into()), "never formats over existing data"),
-        (Probe::Filesystem("xfs".into()), "never reformats existing data"),
+        (Probe::Filesystem { fs: "xfs".into(), block_size: Some(4096) }, "never reformats existing data"),
     ] {
         node.host.put_content(&node.image(&volume.id), content, 64 * MIB);
         node.host.clear_calls();
@@ -523,7 +534,8 @@ fn unstage_refuses_to_detach_a_device_mounted_elsewhere() {
     let device = node.record(&volume.id).staged.unwrap().device;
     std::fs::create_dir_all(node.path("sneaky")).unwrap();
     use crate::host::Host;
-    node.host.mount_filesystem(&device, &node.path("sneaky"), FsType::Ext4, MsFlags::empty(), "").unwrap();
+    let sneaky = crate::paths::Pinned::open(&node.path("sneaky")).unwrap();
+    node.host.mount_filesystem(&device, &sneaky, FsType::Ext4, MsFlags::empty(), "").unwrap();
     let err = node.engine.unstage_volume(&volume.id, &node.arg("staging")).unwrap_err();
     assert!(matches!(err, Error::FailedPrecondition(ref m) if m.contains("still mounted")), "{err:?}");
     assert_eq!(node.host.attached().len(), 1, "not detached under a live mount");
@@ -570,7 +582,11 @@ fn reconcile_after_a_reboot_restores_stage_and_publications_with_their_flags() {
     node.host.clear_calls();
     let again = node.engine.reconcile_on_start();
     assert!(again.restored.is_empty() && again.problems.is_empty(), "{again:?}");
-    assert!(node.host.calls().iter().all(|c| matches!(c, Call::Probe(_))) || node.host.calls().is_empty());
+    assert!(
+        node.host.calls().iter().all(|c| matches!(c, Call::Probe(_) | Call::Thaw(_))),
+        "a second reconcile changes nothing: {:?}",
+        node.host.calls()
+    );
 }
 
 #[test]
@@ -591,7 +607,7 @@ fn reconcile_detaches_leaked_devices_and_reports_orphans() {
     let node = Node::new();
     let volume = node.create("v", Some(FsType::Ext4));
     use crate::host::Host;
-    node.host.attach_loop(&node.image(&volume.id), false).unwrap();
+    node.host.attach_loop(&node.image(&volume.id), false, 4096).unwrap();
     std::fs::write(node.engine.pool.dir().join(format!("{}.img", VolumeId::for_name("ghost"))), b"").unwrap();
     let report = node.engine.reconcile_on_start();
     assert_eq!(report.detached, vec![volume.id.to_string()]);
@@ -666,7 +682,7 @@ fn a_staged_volume_cannot_be_deleted_and_an_attached_one_neither() {
     assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
     node.engine.unstage_volume(&volume.id, &node.arg("staging")).unwrap();
     use crate::host::Host;
-    node.host.attach_loop(&node.image(&volume.id), false).unwrap();
+    node.host.attach_loop(&node.image(&volume.id), false, 4096).unwrap();
     let err = node.engine.delete_volume(volume.id.as_str()).unwrap_err();
     assert!(matches!(err, Error::FailedPrecondition(ref m) if m.contains("attached")), "{err:?}");
     node.host.reboot();
@@ -793,7 +809,7 @@ fn reconcile_detaches_devices_whose_image_was_deleted_unless_mounted() {
     let gone = node.create("gone", None);
     let busy = node.create("busy", Some(FsType::Ext4));
     use crate::host::Host;
-    let leaked = node.host.attach_loop(&node.image(&gone.id), false).unwrap();
+    let leaked = node.host.attach_loop(&node.image(&gone.id), false, 4096).unwrap();
     node.stage(&busy.id, &fs_cap()).unwrap();
     node.host.delete_backing_file(&node.image(&gone.id));
     node.host.delete_backing_file(&node.image(&busy.id));
@@ -801,4 +817,161 @@ fn reconcile_detaches_devices_whose_image_was_deleted_unless_mounted() {
     assert!(report.detached.iter().any(|d| d.contains(&leaked.path().display().to_string())), "{report:?}");
     assert!(report.problems.iter().any(|p| p.contains("still mounted")), "{report:?}");
     assert_eq!(node.host.attached().len(), 1, "the mounted one stays");
+}
+
+#[test]
+fn a_volume_formatted_for_512_byte_sectors_is_attached_so_and_remembered() {
+    let mut node = Node::new();
+    let volume = node.create("legacy", Some(FsType::Ext4));
+    // What plinth before the fixed 4096 geometry left: ext4 with 1 KiB blocks, a schema-1
+    // record (no geometry).
+    node.host.put_content(
+        &node.image(&volume.id),
+        Probe::Filesystem { fs: "ext4".into(), block_size: Some(1024) },
+        volume.capacity_bytes,
+    );
+    let mut legacy = node.record(&volume.id);
+    legacy.loop_block_size = None;
+    legacy.filesystem_bytes = legacy.capacity_bytes;
+    node.engine.store.save(&legacy).unwrap();
+
+    node.stage(&volume.id, &fs_cap()).unwrap();
+    let attaches: Vec<u32> = node
+        .host
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Attach { block_size, .. } => Some(block_size),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(attaches, vec![4096, 512], "probed at 4096, then attached for its 512-byte sectors");
+    assert_eq!(node.host.attached().len(), 1);
+    assert_eq!(node.host.mounts().len(), 1, "it mounts");
+    assert_eq!(node.record(&volume.id).loop_block_size, Some(512), "remembered with the stage");
+    assert_eq!(node.count(|c| matches!(c, Call::MakeFilesystem { .. })), 0, "never reformatted");
+
+    node.engine.unstage_volume(&volume.id, &node.arg("staging")).unwrap();
+    node.restart();
+    node.host.clear_calls();
+    node.stage(&volume.id, &fs_cap()).unwrap();
+    assert_eq!(node.count(|c| matches!(c, Call::Attach { block_size: 512, .. })), 1, "straight to 512 next time");
+    assert_eq!(node.count(|c| matches!(c, Call::Attach { .. })), 1);
+}
+
+#[test]
+fn new_volumes_record_the_fixed_geometry_and_copies_inherit_it() {
+    let node = Node::new();
+    let volume = node.create("v", Some(FsType::Ext4));
+    assert_eq!(volume.loop_block_size, Some(4096));
+    node.stage(&volume.id, &fs_cap()).unwrap();
+    assert!(node.host.calls().iter().all(|c| !matches!(c, Call::Attach { block_size, .. } if *block_size != 4096)));
+}
+
+#[test]
+fn one_engine_per_data_dir() {
+    let mut node = Node::new();
+    let config = || EngineConfig {
+        data_dir: node.dir.path().join("data"),
+        node_id: "node-b".into(),
+        allowed_roots: vec![node.dir.path().join("root")],
+        default_volume_size: MIB,
+        pool_capacity: None,
+        allowed_mount_options: vec![],
+        restore_publications: false,
+    };
+    let err = Engine::open_with_host(config(), Arc::new(node.host.clone())).unwrap_err();
+    assert!(matches!(err, Error::FailedPrecondition(ref m) if m.contains("another plinth")), "{err:?}");
+    node.engine.0 = None;
+    Engine::open_with_host(config(), Arc::new(node.host.clone())).expect("free once the first is gone");
+}
+
+#[test]
+fn interrupted_creations_are_undone_and_deletions_completed_at_the_next_start() {
+    use crate::store::Phase;
+    let mut node = Node::new();
+    let kept = node.create("kept", Some(FsType::Ext4));
+    let half_made = node.create("half-made", Some(FsType::Ext4));
+    let half_deleted = node.create("half-deleted", None);
+    for (volume, phase) in [(&half_made, Phase::Creating), (&half_deleted, Phase::Deleting)] {
+        let mut record = node.record(&volume.id);
+        record.phase = phase;
+        node.engine.store.save(&record).unwrap();
+    }
+    node.engine.create_snapshot("snap", kept.id.as_str()).unwrap();
+    let snap = crate::ids::SnapshotId::for_name("snap");
+    let mut snapshot = node.engine.snapshots.load(&snap).unwrap().unwrap();
+    snapshot.phase = Phase::Creating;
+    node.engine.snapshots.save(&snapshot).unwrap();
+    assert!(node.engine.volume(half_made.id.as_str()).unwrap().is_none(), "an intent is not a volume");
+
+    node.restart();
+    assert!(node.engine.store.load_any(&half_made.id).unwrap().is_none());
+    assert!(!node.image(&half_made.id).exists(), "no image of an unacknowledged creation is left");
+    assert!(node.engine.store.load_any(&half_deleted.id).unwrap().is_none());
+    assert!(!node.image(&half_deleted.id).exists());
+    assert!(node.engine.snapshots.load_any(&snap).unwrap().is_none());
+    assert!(!node.engine.pool.snapshot_path(&snap).exists());
+    assert_eq!(node.engine.volumes().unwrap().len(), 1);
+    assert!(node.image(&kept.id).exists());
+}
+
+#[test]
+fn a_failed_step_of_create_delete_and_snapshot_leaves_nothing_half_made() {
+    let node = Node::new();
+    for point in ["create.intent_saved", "create.image_made"] {
+        crate::failpoint::arm(point, 1);
+        let err = node.engine.create_volume(&CreateVolume {
+            name: "x".into(),
+            required_bytes: 64 * MIB as i64,
+            limit_bytes: 0,
+            capabilities: vec![fs_cap()],
+            parameters: VolumeParameters::default(),
+            requisite_nodes: None,
+            content_source: None,
+            mutable_parameters: Default::default(),
+        });
+        assert!(err.is_err(), "{point}");
+        assert!(node.engine.store.list_any().unwrap().is_empty(), "{point}: no record");
+        assert_eq!(std::fs::read_dir(node.engine.pool.dir()).unwrap().count(), 1, "{point}: only snapshots/");
+    }
+    let volume = node.create("v", Some(FsType::Ext4));
+    for point in ["snapshot.frozen", "snapshot.intent_saved", "snapshot.copied"] {
+        crate::failpoint::arm(point, 1);
+        assert!(node.engine.create_snapshot("s", volume.id.as_str()).is_err(), "{point}");
+        assert!(node.engine.snapshots.list_any().unwrap().is_empty(), "{point}");
+        assert_eq!(std::fs::read_dir(node.engine.pool.dir().join("snapshots")).unwrap().count(), 0, "{point}");
+    }
+    crate::failpoint::arm("delete.image_removed", 1);
+    assert!(node.engine.delete_volume(volume.id.as_str()).is_err());
+    assert!(node.engine.volume(volume.id.as_str()).unwrap().is_none(), "half deleted is not listed");
+    node.engine.delete_volume(volume.id.as_str()).expect("a retried delete completes");
+    assert!(node.engine.store.list_any().unwrap().is_empty());
+}
+
+#[test]
+fn reconcile_thaws_a_filesystem_a_crashed_snapshot_left_frozen() {
+    let mut node = Node::new();
+    let volume = node.create("v", Some(FsType::Ext4));
+    node.stage(&volume.id, &fs_cap()).unwrap();
+    node.host.leave_frozen(&node.path("staging"));
+    node.restart();
+    let report = node.engine.reconcile_on_start();
+    assert!(report.restored.iter().any(|r| r.contains("thawed")), "{report:?}");
+    assert!(node.host.frozen().is_empty());
+}
+
+#[test]
+fn a_growth_a_crash_left_unrecorded_is_recognised_on_retry() {
+    let node = Node::new();
+    let volume = node.create("v", Some(FsType::Xfs));
+    node.stage(&volume.id, &fs_cap()).unwrap();
+    let bigger = volume.capacity_bytes + 64 * MIB;
+    node.engine.expand_volume(volume.id.as_str(), bigger as i64, 0).unwrap();
+    // The filesystem grew, then the process died before recording it.
+    crate::failpoint::arm("node_expand.grown", 1);
+    assert!(node.engine.node_expand_volume(&volume.id, &node.arg("staging"), 0).is_err());
+    assert!(node.record(&volume.id).filesystem_bytes < bigger);
+    node.engine.node_expand_volume(&volume.id, &node.arg("staging"), 0).expect("the retry sees the growth done");
+    assert_eq!(node.record(&volume.id).filesystem_bytes, bigger);
 }

@@ -43,3 +43,18 @@ impl Drop for Frozen {
         }
     }
 }
+
+/// Thaws the filesystem at `mount_point` if it is frozen (left so by a process that died holding
+/// a [`Frozen`]). Returns whether it was frozen.
+pub fn thaw(mount_point: &Path) -> Result<bool, FreezeError> {
+    let wrap = |source| FreezeError { mount_point: mount_point.to_owned(), source };
+    let dir = File::open(mount_point).map_err(wrap)?;
+    // SAFETY: FITHAW takes no meaningful argument.
+    let rc = unsafe { libc::ioctl(dir.as_raw_fd(), FITHAW, 0) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = std::io::Error::last_os_error();
+    // EINVAL: it was not frozen.
+    if err.raw_os_error() == Some(libc::EINVAL) { Ok(false) } else { Err(wrap(err)) }
+}

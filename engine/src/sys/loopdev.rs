@@ -223,6 +223,12 @@ pub fn attached_devices() -> Result<Vec<(LoopDevice, Backing)>, LoopError> {
 
 /// Attaches `image` to a free loop device with LOOP_CONFIGURE, with direct I/O requested.
 pub fn attach(image: &Path, read_only: bool) -> Result<LoopDevice, LoopError> {
+    attach_with_block_size(image, read_only, LOGICAL_BLOCK_SIZE)
+}
+
+/// [`attach`] with another logical block size: 512 for volumes formatted before plinth fixed
+/// the geometry at 4096 (their filesystems use blocks or sectors a 4096 device cannot address).
+pub fn attach_with_block_size(image: &Path, read_only: bool, block_size: u32) -> Result<LoopDevice, LoopError> {
     let backing = OpenOptions::new()
         .read(true)
         .write(!read_only)
@@ -238,7 +244,7 @@ pub fn attach(image: &Path, read_only: bool) -> Result<LoopDevice, LoopError> {
         let device_file = open_device(&device.path(), !read_only)?;
         let mut config = LoopConfig {
             fd: backing.as_raw_fd() as u32,
-            block_size: LOGICAL_BLOCK_SIZE,
+            block_size,
             info: LoopInfo64 {
                 lo_device: 0,
                 lo_inode: 0,

@@ -23,7 +23,9 @@ pub enum MkfsError {
 pub enum Probe {
     /// No filesystem, partition table or other signature: safe to format.
     Blank,
-    Filesystem(String),
+    /// A filesystem of type `fs`; `block_size` is what blkid reports (ext4's block size, xfs's
+    /// sector size): below the device's logical block size, it cannot be mounted there.
+    Filesystem { fs: String, block_size: Option<u32> },
     /// Some other signature (partition table, RAID member, …): never format over it.
     Other(String),
 }
@@ -50,7 +52,9 @@ pub(crate) fn parse_blkid_export(text: &str) -> Probe {
     let value =
         |key: &str| text.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix('='))).map(str::to_owned);
     match (value("TYPE"), value("PTTYPE"), value("USAGE")) {
-        (Some(fs), _, usage) if usage.as_deref().is_none_or(|u| u == "filesystem") => Probe::Filesystem(fs),
+        (Some(fs), _, usage) if usage.as_deref().is_none_or(|u| u == "filesystem") => {
+            Probe::Filesystem { fs, block_size: value("BLOCK_SIZE").and_then(|b| b.parse().ok()) }
+        }
         (Some(other), _, _) => Probe::Other(other),
         (None, Some(table), _) => Probe::Other(format!("{table} partition table")),
         (None, None, _) if text.trim().is_empty() => Probe::Blank,
@@ -162,10 +166,13 @@ mod tests {
     fn classifies_blkid_output() {
         assert_eq!(parse_blkid_export(""), Probe::Blank);
         assert_eq!(
-            parse_blkid_export("DEVNAME=/dev/loop0\nUUID=abc\nTYPE=xfs\nUSAGE=filesystem\n"),
-            Probe::Filesystem("xfs".into())
+            parse_blkid_export("DEVNAME=/dev/loop0\nUUID=abc\nBLOCK_SIZE=512\nTYPE=xfs\nUSAGE=filesystem\n"),
+            Probe::Filesystem { fs: "xfs".into(), block_size: Some(512) }
         );
-        assert_eq!(parse_blkid_export("DEVNAME=/dev/loop0\nTYPE=ext4\n"), Probe::Filesystem("ext4".into()));
+        assert_eq!(
+            parse_blkid_export("DEVNAME=/dev/loop0\nTYPE=ext4\n"),
+            Probe::Filesystem { fs: "ext4".into(), block_size: None }
+        );
         assert_eq!(
             parse_blkid_export("DEVNAME=/dev/loop0\nPTUUID=1\nPTTYPE=gpt\n"),
             Probe::Other("gpt partition table".into())
