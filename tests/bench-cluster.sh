@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/go/bin:$HOME/.cargo/bin"
 CACHE=${PLINTH_TEST_CACHE:-/var/cache/plinth-test}
+TARGET=${CARGO_TARGET_DIR:-$PWD/target}
 source tests/k8s/env.sh
 cargo build --release --bin plinth
-PLINTH_BIN=$PWD/target/release/plinth cargo test --release -p plinth-tests --test cluster bench_bind_100_claims \
+PLINTH_BIN=$TARGET/release/plinth cargo test --release -p plinth-tests --test cluster bench_bind_100_claims \
   -- --ignored --nocapture 2>&1 | grep -E '^(plinth cluster bench|  )'

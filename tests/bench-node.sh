@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/go/bin:$HOME/.cargo/bin"
 CACHE=${PLINTH_TEST_CACHE:-/var/cache/plinth-test}
+TARGET=${CARGO_TARGET_DIR:-$PWD/target}
 source tests/k8s/env.sh
 cargo build --release --bin plinth
-source tests/k8s/images-env.sh "$PWD/target/release/plinth" >/dev/null
+source tests/k8s/images-env.sh "$TARGET/release/plinth" >/dev/null
 cargo test --release -p plinth-tests --test plinth_on_a_node bench_pod_with_new_claim \
   -- --ignored --nocapture 2>&1 | grep -E '^(plinth node bench|  )'

@@ -67,7 +67,7 @@ pub async fn run_controller(
         }
     };
     tokio::select! {
-        () = provisioner::run(context) => Ok(()),
+        () = plinth_cluster::run_controller(context) => Ok(()),
         () = lost => anyhow::bail!("lost the leader lease; exiting so a fresh replica takes over"),
         () = &mut shutdown => {
             if let Some(election) = &election {
@@ -78,12 +78,12 @@ pub async fn run_controller(
     }
 }
 
-/// Starts the node agent and the capacity publisher in the background.
+/// Starts the node agent (volumes and snapshots) and the capacity publisher in the background.
 pub fn spawn_node_agent(client: kube::Client, engine: Arc<Engine>, opts: &ServerOpts, metrics: Arc<Metrics>) {
     let changed = Arc::new(tokio::sync::Notify::new());
-    let agent =
-        Arc::new(Agent { client: client.clone(), engine: Arc::clone(&engine), changed: Arc::clone(&changed), metrics });
-    tokio::spawn(plinth_cluster::agent::run(agent));
+    let agent = Arc::new(Agent::new(client.clone(), Arc::clone(&engine), Arc::clone(&changed), metrics));
+    tokio::spawn(plinth_cluster::agent::run(Arc::clone(&agent)));
+    tokio::spawn(plinth_cluster::agent_snapshots::run(agent));
     let publisher = Publisher { client, engine, namespace: opts.namespace.clone(), changed };
     tokio::spawn(publisher.run());
 }

@@ -58,6 +58,10 @@ async fn metrics_text(State(shared): State<Shared>) -> impl IntoResponse {
         metrics.set_volumes("created", records.len());
         metrics.set_volumes("staged", records.iter().filter(|r| r.staged.is_some()).count());
         metrics.set_volumes("published", records.iter().filter(|r| !r.published.is_empty()).count());
+        for support in engine.filesystem_support() {
+            metrics.set_filesystem_support(support.fs.as_str(), "format", support.format);
+            metrics.set_filesystem_support(support.fs.as_str(), "grow", support.grow);
+        }
         Ok(())
     })
     .await;

@@ -53,7 +53,7 @@ pub async fn serve(
     let socket = registration_socket(&kubelet_dir);
     let listener = plinth_socket::bind(&socket)?;
     tracing::info!(socket = %socket.display(), "serving kubelet plugin registration");
-    let result = tonic::transport::Server::builder()
+    let result = plinth_socket::server()
         .add_service(RegistrationServer::new(Registrar { csi_endpoint }))
         .serve_with_incoming_shutdown(plinth_socket::incoming(listener), shutdown)
         .await;

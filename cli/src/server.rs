@@ -136,8 +136,8 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
     };
     let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::open(config)).await??);
     if mode.node() {
-        let engine = Arc::clone(&engine);
-        let report = tokio::task::spawn_blocking(move || engine.reconcile_on_start()).await?;
+        let reconciling = Arc::clone(&engine);
+        let report = tokio::task::spawn_blocking(move || reconciling.reconcile_on_start()).await?;
         for line in &report.restored {
             tracing::info!("reconcile: restored {line}");
         }
@@ -146,6 +146,19 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
         }
         for problem in &report.problems {
             tracing::warn!("reconcile: {problem}");
+        }
+        // Environment faults are reported at start, not discovered at the first stage.
+        for support in engine.filesystem_support() {
+            if !support.format || !support.grow {
+                let package = plinth_engine::sys::mkfs::tools(support.fs).package;
+                tracing::warn!(
+                    fs = support.fs.as_str(),
+                    format = support.format,
+                    grow = support.grow,
+                    "this node cannot fully serve {} volumes: install the {package} package",
+                    support.fs.as_str()
+                );
+            }
         }
     }
 
@@ -183,7 +196,7 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
         endpoint = %endpoint, node_id = %node_id, mode = ?mode, data_dir = %opts.data_dir.display(),
         allowed_roots = ?engine.allowed_roots(), "plinth serving"
     );
-    let result = tonic::transport::Server::builder()
+    let result = plinth_socket::server()
         .add_service(IdentityServer::new(identity))
         .add_optional_service(controller)
         .add_optional_service(group)
@@ -199,7 +212,9 @@ pub async fn serve(endpoint: Option<String>, opts: ServerOpts, mode: Mode) -> an
 }
 
 /// Cluster-mode controller: no pool; the kube-rs controller plus probes, and — when `--endpoint`
-/// is given — a CSI Controller socket for the standard external-provisioner/resizer sidecars.
+/// is given — a CSI Controller and GroupController socket for the standard external-provisioner,
+/// external-resizer and csi-snapshotter sidecars. A standby replica serves it too (sidecars elect
+/// their own leader).
 async fn serve_cluster_controller(
     client: kube::Client,
     opts: &ServerOpts,
@@ -212,11 +227,14 @@ async fn serve_cluster_controller(
         let listener = bind(&socket)?;
         let identity = IdentityService::new(None, true, false, HashMap::new(), rpc.clone());
         let controller = plinth_cluster::csi_controller::ClusterController::new(client.clone(), rpc.clone());
+        let group =
+            plinth_cluster::csi_snapshots::ClusterGroupController::new(client.clone(), rpc.clone(), controller.wait());
         tracing::info!(%endpoint, "serving the CSI Controller for sidecars");
         beside.push(Beside::spawn("CSI", move |stopped| async move {
-            let served = tonic::transport::Server::builder()
+            let served = plinth_socket::server()
                 .add_service(IdentityServer::new(identity))
                 .add_service(ControllerServer::new(controller))
+                .add_service(GroupControllerServer::new(group))
                 .serve_with_incoming_shutdown(incoming(listener), stopped)
                 .await;
             let _ = std::fs::remove_file(&socket);

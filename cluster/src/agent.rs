@@ -1,5 +1,7 @@
 //! The node agent: reconciles the `Volume` objects assigned to this node into image files in the
-//! local pool (create, grow, delete behind a finalizer) and reports their status.
+//! local pool (create — blank, or copied from a snapshot or volume in this pool —, grow,
+//! preallocate when the Volume turns thick, delete behind a finalizer) and reports their status.
+//! Its snapshots are `agent_snapshots`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,11 +13,13 @@ use kube::runtime::finalizer::{self, Event, finalizer};
 use kube::runtime::watcher;
 use plinth_controller::metrics::Metrics;
 use plinth_engine::caps::{AccessMode, AccessType, Capability};
-use plinth_engine::model::{Layout, MutableParameters, VolumeParameters, VolumeRecord};
-use plinth_engine::volumes::CreateVolume;
+use plinth_engine::failpoint;
+use plinth_engine::model::{ContentSource, Layout, MutableParameters, Provisioning, VolumeParameters, VolumeRecord};
+use plinth_engine::volumes::{CreateVolume, SourceRequest};
 use plinth_engine::{Engine, Error as EngineError, VolumeId};
 
-use crate::crd::{Phase, Volume, VolumeSpec, VolumeStatus};
+use crate::backoff::Backoff;
+use crate::crd::{Phase, Volume, VolumeSource, VolumeSpec, VolumeStatus};
 use crate::keys::{IMAGE_FINALIZER, NODE_LABEL};
 use crate::volumes;
 use crate::{Error, Result};
@@ -26,6 +30,25 @@ pub struct Agent {
     /// Woken after every change so capacity is republished promptly.
     pub changed: Arc<tokio::sync::Notify>,
     pub metrics: Arc<Metrics>,
+    /// Error retries of Volumes, Snapshots and GroupSnapshots (one history per object).
+    pub backoff: Backoff,
+}
+
+impl Agent {
+    pub fn new(
+        client: kube::Client,
+        engine: Arc<Engine>,
+        changed: Arc<tokio::sync::Notify>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            client,
+            engine,
+            changed,
+            metrics,
+            backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(60)),
+        }
+    }
 }
 
 fn create_request(name: &str, spec: &VolumeSpec) -> CreateVolume {
@@ -46,48 +69,64 @@ fn create_request(name: &str, spec: &VolumeSpec) -> CreateVolume {
             mkfs_options: spec.mkfs_options.clone(),
         },
         requisite_nodes: None,
-        content_source: None,
+        content_source: spec.content_source.as_ref().map(|source| match source {
+            VolumeSource::Snapshot(id) => SourceRequest::Snapshot(id.clone()),
+            VolumeSource::Volume(id) => SourceRequest::Volume(id.clone()),
+        }),
         mutable_parameters: MutableParameters::default(),
     }
 }
 
-/// The engine refuses a create whose name has a record that differs from the request
-/// (ALREADY_EXISTS). For a Volume that is expected in one case only: the record is this Volume's
-/// image, made earlier at a smaller size, and the Volume has since grown. Anything else — another
-/// layout, provisioning or a copy — is not this Volume's image, and says why.
-pub fn foreign_image(existing: &VolumeRecord, spec: &VolumeSpec) -> Option<String> {
-    if existing.layout != spec.layout() {
-        Some(format!("it was made as {:?}, the Volume asks for {:?}", existing.layout, spec.layout()))
-    } else if existing.provisioning != spec.provisioning {
-        Some(format!(
-            "it is {} provisioned, the Volume asks for {}",
-            existing.provisioning.as_str(),
-            spec.provisioning.as_str()
-        ))
-    } else {
-        existing.content_source.as_ref().map(|source| format!("it was copied from {source:?}"))
+fn as_volume_source(source: &ContentSource) -> VolumeSource {
+    match source {
+        ContentSource::Snapshot(id) => VolumeSource::Snapshot(id.to_string()),
+        ContentSource::Volume(id) => VolumeSource::Volume(id.to_string()),
     }
 }
 
-/// Makes (or finds) the image, grows it to the Volume's size; returns the volume ID, capacity
-/// and allocated bytes.
+/// Whether an existing image named like the Volume is this Volume's image. Expected
+/// differences: the Volume has grown since (the image is grown), or turned thick (its blocks are
+/// preallocated in place). Anything else — another layout, a thick image for a thin Volume (plinth
+/// never releases allocated blocks), another content source — is not this Volume's image, and
+/// says why.
+pub fn foreign_image(existing: &VolumeRecord, spec: &VolumeSpec) -> Option<String> {
+    let source = existing.content_source.as_ref().map(as_volume_source);
+    if existing.layout != spec.layout() {
+        Some(format!("it was made as {:?}, the Volume asks for {:?}", existing.layout, spec.layout()))
+    } else if existing.provisioning == Provisioning::Thick && spec.provisioning == Provisioning::Thin {
+        Some("it is thick provisioned, the Volume asks for thin: plinth does not release allocated blocks".into())
+    } else if source != spec.content_source {
+        Some(format!("it was made from {source:?}, the Volume asks for {:?}", spec.content_source))
+    } else {
+        None
+    }
+}
+
+/// Makes (or finds) the image, grows it to the Volume's size and preallocates it when the Volume
+/// is thick; returns the volume ID, capacity and allocated bytes. An image that exists is never
+/// made again: its source (a snapshot, say) may be gone by now, and the copy is done.
 fn make_image(engine: &Engine, name: &str, spec: &VolumeSpec) -> plinth_engine::Result<(VolumeId, u64, u64)> {
-    let request = create_request(name, spec);
-    let record = match engine.create_volume(&request) {
-        Ok(record) => record,
-        Err(EngineError::AlreadyExists(why)) => {
-            let existing =
-                engine.volume_by_name(name)?.ok_or_else(|| EngineError::internal("volume vanished", why.clone()))?;
-            if let Some(reason) = foreign_image(&existing, spec) {
-                return Err(EngineError::AlreadyExists(format!(
-                    "this node already has a volume named {name} ({}) that is not this Volume's image: {reason}",
-                    existing.id
-                )));
-            }
-            existing
-        }
-        Err(other) => return Err(other),
+    let adopt = |existing: VolumeRecord| match foreign_image(&existing, spec) {
+        Some(reason) => Err(EngineError::AlreadyExists(format!(
+            "this node already has a volume named {name} ({}) that is not this Volume's image: {reason}",
+            existing.id
+        ))),
+        None => Ok(existing),
     };
+    let record = match engine.volume_by_name(name)? {
+        Some(existing) => adopt(existing)?,
+        None => match engine.create_volume(&create_request(name, spec)) {
+            Ok(record) => record,
+            Err(EngineError::AlreadyExists(why)) => {
+                adopt(engine.volume_by_name(name)?.ok_or_else(|| EngineError::internal("volume vanished", why))?)?
+            }
+            Err(other) => return Err(other),
+        },
+    };
+    if record.provisioning == Provisioning::Thin && spec.provisioning == Provisioning::Thick {
+        let thick = MutableParameters { provisioning: Some(Provisioning::Thick) };
+        engine.modify_volume(record.id.as_str(), thick)?;
+    }
     let mut capacity = record.capacity_bytes;
     if (capacity as i64) < spec.size_bytes {
         capacity = engine.expand_volume(record.id.as_str(), spec.size_bytes, 0)?.0;
@@ -102,6 +141,7 @@ async fn apply(volume: &Volume, agent: &Agent) -> Result<Action> {
     let engine = Arc::clone(&agent.engine);
     let (image_name, spec) = (name.clone(), volume.spec.clone());
     let outcome = tokio::task::spawn_blocking(move || make_image(&engine, &image_name, &spec)).await?;
+    failpoint::check("agent.image_ready")?;
     let generation = volume.metadata.generation;
     match outcome {
         Ok((volume_id, capacity, allocated)) => {
@@ -133,7 +173,8 @@ async fn apply(volume: &Volume, agent: &Agent) -> Result<Action> {
             if volume.status.as_ref() != Some(&status) {
                 volumes::set_status(&agent.client, &name, &status).await?;
             }
-            Ok(Action::requeue(Duration::from_secs(30)))
+            // Reported; retried with backoff in case the cause goes away (space freed, say).
+            Err(err.into())
         }
         Err(err) => Err(err.into()),
     }
@@ -147,6 +188,7 @@ async fn cleanup(volume: &Volume, agent: &Agent) -> Result<Action> {
     let id = VolumeId::for_name(&name);
     match tokio::task::spawn_blocking(move || engine.delete_volume(id.as_str())).await? {
         Ok(()) => {
+            failpoint::check("agent.image_deleted")?;
             tracing::info!(volume = %name, "image deleted");
             Ok(Action::await_change())
         }
@@ -165,6 +207,7 @@ async fn reconcile(volume: Arc<Volume>, agent: Arc<Agent>) -> Result<Action> {
     if volume.spec.node != agent.engine.node_id() {
         return Ok(Action::await_change());
     }
+    let object = Arc::clone(&volume);
     let api = volumes::api(&agent.client);
     let result = finalizer(&api, IMAGE_FINALIZER, volume, |event| async {
         match event {
@@ -176,22 +219,23 @@ async fn reconcile(volume: Arc<Volume>, agent: Arc<Agent>) -> Result<Action> {
     .map_err(|e| Error::Finalizer(Box::new(e)));
     agent.metrics.record_reconcile("node-agent", result.is_ok());
     agent.changed.notify_one();
-    result
+    agent.backoff.observe(object.as_ref(), result)
 }
 
 fn current(volume: &Volume) -> VolumeStatus {
     volume.status.clone().unwrap_or_default()
 }
 
-fn error_policy(volume: Arc<Volume>, error: &Error, _: Arc<Agent>) -> Action {
+fn error_policy(volume: Arc<Volume>, error: &Error, agent: Arc<Agent>) -> Action {
+    let delay = agent.backoff.failed(volume.as_ref());
     if let Error::Finalizer(inner) = error
         && let finalizer::Error::CleanupFailed(Error::InUse(why)) = inner.as_ref()
     {
-        tracing::info!(volume = %volume.name_any(), %why, "image still in use; deleting it later");
-        return Action::requeue(Duration::from_secs(10));
+        tracing::info!(volume = %volume.name_any(), %why, retry_in = ?delay, "image still in use; deleting it later");
+    } else {
+        tracing::warn!(volume = %volume.name_any(), %error, retry_in = ?delay, "volume reconcile failed; retrying");
     }
-    tracing::warn!(volume = %volume.name_any(), %error, "volume reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+    Action::requeue(delay)
 }
 
 /// Runs until the stream ends (the process shuts down).
@@ -220,23 +264,22 @@ mod tests {
             provisioning: Provisioning::Thin,
             mkfs_options: None,
             claim_ref: None,
+            content_source: None,
         }
     }
 
+    /// A record as the engine stores it (through its serde form, so fields the engine adds with
+    /// defaults need no change here).
     fn record(layout: Layout, capacity_bytes: u64) -> VolumeRecord {
-        VolumeRecord {
-            id: VolumeId::for_name("pvc-1"),
-            name: "pvc-1".into(),
-            capacity_bytes,
-            layout,
-            provisioning: Provisioning::Thin,
-            created_at: 0,
-            staged: None,
-            published: Default::default(),
-            content_source: None,
-            filesystem_bytes: 0,
-            mkfs_options: Vec::new(),
-        }
+        serde_json::from_value(serde_json::json!({
+            "id": VolumeId::for_name("pvc-1").as_str(),
+            "name": "pvc-1",
+            "capacity_bytes": capacity_bytes,
+            "layout": layout,
+            "provisioning": Provisioning::Thin,
+            "created_at": 0,
+        }))
+        .expect("a minimal volume record")
     }
 
     const MIB: i64 = 1 << 20;
@@ -266,6 +309,30 @@ mod tests {
             ..record(Layout::Block, 32 << 20)
         };
         assert!(foreign_image(&copy, &spec(VolumeMode::Block, None, 64 * MIB)).is_some(), "a copy is not blank");
+    }
+
+    #[test]
+    fn a_thin_image_of_a_thick_volume_and_a_copy_of_its_own_source_are_adopted() {
+        let thick = VolumeSpec { provisioning: Provisioning::Thick, ..spec(VolumeMode::Block, None, 32 * MIB) };
+        assert_eq!(
+            foreign_image(&record(Layout::Block, 32 << 20), &thick),
+            None,
+            "turned thick: preallocated in place"
+        );
+        let snapshot = plinth_engine::ids::SnapshotId::for_name("snapshot-1");
+        let restored = VolumeRecord {
+            content_source: Some(ContentSource::Snapshot(snapshot.clone())),
+            ..record(Layout::Block, 32 << 20)
+        };
+        let wants = VolumeSpec {
+            content_source: Some(VolumeSource::Snapshot(snapshot.to_string())),
+            ..spec(VolumeMode::Block, None, 64 * MIB)
+        };
+        assert_eq!(foreign_image(&restored, &wants), None);
+        let other = VolumeSpec { content_source: Some(VolumeSource::Volume("vol-x".into())), ..wants.clone() };
+        assert!(foreign_image(&restored, &other).is_some(), "another source");
+        let request = create_request("pvc-1", &wants);
+        assert_eq!(request.content_source, Some(SourceRequest::Snapshot(snapshot.to_string())));
     }
 
     #[test]

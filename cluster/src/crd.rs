@@ -1,5 +1,8 @@
-//! The `Volume` custom resource (group plinth.csi.dev). Its schema is deploy/crd-volumes.yaml,
-//! the one source of truth; these types are how plinth reads and writes it.
+//! plinth's custom resources (group plinth.csi.dev): `Volume` (schema deploy/crd-volumes.yaml),
+//! `Snapshot` and `GroupSnapshot` (deploy/crd-snapshots.yaml). The schemas are the one source of
+//! truth; these types are how plinth reads and writes them. Each object names the node whose
+//! agent does its disk work (label `plinth.csi.dev/node`): node-local data never moves, so the
+//! work always happens where the data is.
 
 use kube::{CustomResource, ResourceExt};
 use plinth_controller::context::VolumeContext;
@@ -23,6 +26,17 @@ pub struct VolumeSpec {
     pub mkfs_options: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_ref: Option<ClaimRef>,
+    /// What the image is copied from (a snapshot or a volume on the same node); absent: blank.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_source: Option<VolumeSource>,
+}
+
+/// A Volume's content source, by CSI ID: `{snapshot: snap-…}` or `{volume: vol-…}`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum VolumeSource {
+    Snapshot(String),
+    Volume(String),
 }
 
 impl VolumeSpec {
@@ -83,4 +97,82 @@ pub enum Phase {
     Ready,
     Failed,
     Deleting,
+}
+
+/// A snapshot of one volume, taken by the agent of the node holding it.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "plinth.csi.dev",
+    version = "v1alpha1",
+    kind = "Snapshot",
+    status = "SnapshotStatus",
+    schema = "disabled"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotSpec {
+    pub node: String,
+    /// The CSI volume ID of the source (a volume in `node`'s pool).
+    pub source_volume_id: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// The CSI snapshot ID (a VolumeSnapshotContent's snapshotHandle).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_id: Option<String>,
+    /// The source's size when it was taken: the smallest volume it restores into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<i64>,
+    /// Nanoseconds since the Unix epoch (as a VolumeSnapshotContent's creationTime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_time: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// A crash-consistent set of snapshots of volumes on one node, taken together.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "plinth.csi.dev",
+    version = "v1alpha1",
+    kind = "GroupSnapshot",
+    status = "GroupSnapshotStatus",
+    schema = "disabled"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupSnapshotSpec {
+    pub node: String,
+    pub source_volume_ids: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupSnapshotStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_snapshot_id: Option<String>,
+    /// Nanoseconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_time: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberSnapshot>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberSnapshot {
+    pub volume_id: String,
+    pub snapshot_id: String,
+    pub size_bytes: i64,
+    pub creation_time: i64,
 }

@@ -1,7 +1,8 @@
-//! The CSI Controller service in cluster mode, for the standard external-provisioner and
-//! external-resizer sidecars. It drives the same `Volume` objects through the same helpers
-//! (`crate::volumes`) as plinth's own claim reconciler, so the node agents do the disk work
-//! either way.
+//! The CSI Controller service in cluster mode, for the standard external-provisioner,
+//! external-resizer and csi-snapshotter sidecars. It drives the same `Volume`, `Snapshot` and
+//! `GroupSnapshot` objects through the same helpers (`volumes`, `snapshots`, `modify`) as plinth's
+//! own reconcilers, so the node agents do the disk work either way: a volume with a content
+//! source is made on the node holding the source, a snapshot on the node holding its volume.
 //!
 //! Every RPC runs through the shared boundary (`plinth_controller::rpc::Rpc`: logged once,
 //! counted in `/metrics`), and each has its own error enum whose `GrpcError` impl is the one
@@ -14,15 +15,18 @@ use kube::ResourceExt;
 use plinth_controller::controller::{capabilities_response, check_capabilities, validation_response};
 use plinth_controller::params::ClassParameters;
 use plinth_controller::rpc::{GrpcError, Rpc, Unimplemented};
-use plinth_controller::topology::{node_topology, requested_node};
+use plinth_controller::topology::{named_nodes, node_topology, requested_node};
 use plinth_engine::caps::{AccessType, Capability};
-use plinth_engine::model::FsType;
+use plinth_engine::model::{FsType, MutableParameters};
 use plinth_engine::size::{GIB, MIB, resolve_capacity};
 use plinth_proto::TOPOLOGY_NODE_KEY;
 use plinth_proto::csi_v1::{self as csi, controller_server::Controller, controller_service_capability};
 use tonic::{Code, Request, Response, Status};
 
-use crate::crd::{Phase, Volume, VolumeMode, VolumeSpec};
+use crate::crd::{Phase, Volume, VolumeMode, VolumeSource, VolumeSpec};
+use crate::csi_snapshots::ClusterSnapshots;
+use crate::modify::{self, ModifyError, Progress};
+use crate::snapshots;
 use crate::volumes::{self, WaitError};
 
 /// How long one RPC waits for the node agent before asking the sidecar to retry (it will, with
@@ -43,6 +47,15 @@ impl ClusterController {
     /// How long an RPC waits for the node agent (tests shorten it).
     pub fn with_wait(self, wait: Duration) -> Self {
         Self { wait, ..self }
+    }
+
+    /// How long an RPC waits for a node agent, for the other cluster-mode CSI services.
+    pub fn wait(&self) -> Duration {
+        self.wait
+    }
+
+    fn snapshots(&self) -> ClusterSnapshots {
+        ClusterSnapshots { client: self.client.clone(), wait: self.wait }
     }
 }
 
@@ -73,8 +86,17 @@ fn wait_code(error: &WaitError) -> Code {
 pub enum CreateVolumeError {
     #[error("name is required")]
     NameMissing,
-    #[error("snapshots and clones are not provisioned through cluster mode yet")]
-    ContentSource,
+    #[error("volume_content_source names neither a snapshot nor a volume")]
+    ContentSourceEmpty,
+    #[error("content source {0} does not exist on any plinth node")]
+    SourceNotFound(String),
+    #[error("content source {id} is not ready yet on node {node}")]
+    SourceNotReady { id: String, node: String },
+    #[error(
+        "content source {id} is on node {node}, which the accessibility requirements exclude: plinth \
+         volumes are node-local, so a copy is made where its source is"
+    )]
+    SourceElsewhere { id: String, node: String },
     #[error("no {TOPOLOGY_NODE_KEY} in accessibility_requirements: run external-provisioner with topology enabled")]
     NoNode,
     #[error(transparent)]
@@ -98,7 +120,11 @@ pub enum CreateVolumeError {
 impl GrpcError for CreateVolumeError {
     fn code(&self) -> Code {
         match self {
-            Self::NameMissing | Self::ContentSource | Self::NoNode => Code::InvalidArgument,
+            Self::NameMissing | Self::ContentSourceEmpty | Self::NoNode => Code::InvalidArgument,
+            Self::SourceNotFound(_) => Code::NotFound,
+            Self::SourceNotReady { .. } => Code::Unavailable,
+            // What CSI says when the topology cannot be met; external-provisioner reschedules.
+            Self::SourceElsewhere { .. } => Code::ResourceExhausted,
             Self::Request(e) => e.code(),
             Self::Incompatible { .. } => Code::AlreadyExists,
             Self::NodeFailed { .. } => Code::ResourceExhausted,
@@ -200,6 +226,23 @@ impl GrpcError for ValidateError {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ModifyVolumeError {
+    #[error("volume_id is required")]
+    IdMissing,
+    #[error(transparent)]
+    Modify(#[from] ModifyError),
+}
+
+impl GrpcError for ModifyVolumeError {
+    fn code(&self) -> Code {
+        match self {
+            Self::IdMissing => Code::InvalidArgument,
+            Self::Modify(e) => e.code(),
+        }
+    }
+}
+
 fn phase(volume: &Volume) -> Option<Phase> {
     volume.status.as_ref().and_then(|s| s.phase)
 }
@@ -213,29 +256,86 @@ fn failed_for_current_spec(volume: &Volume) -> Option<String> {
 }
 
 fn to_csi(volume: &Volume) -> csi::Volume {
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource as CsiVolumeSource};
     let status = volume.status.clone().unwrap_or_default();
+    let content_source = volume.spec.content_source.as_ref().map(|source| csi::VolumeContentSource {
+        r#type: Some(match source {
+            VolumeSource::Snapshot(id) => Type::Snapshot(SnapshotSource { snapshot_id: id.clone() }),
+            VolumeSource::Volume(id) => Type::Volume(CsiVolumeSource { volume_id: id.clone() }),
+        }),
+    });
     csi::Volume {
         capacity_bytes: status.capacity_bytes.unwrap_or(volume.spec.size_bytes),
         volume_id: status.volume_id.unwrap_or_default(),
         volume_context: volume.volume_context().to_map(),
-        content_source: None,
+        content_source,
         accessible_topology: vec![node_topology(&volume.spec.node)],
     }
 }
 
-/// What a CreateVolume asks for, as a `Volume` spec.
+/// The content source a CreateVolume names, if any.
+fn requested_source(req: &csi::CreateVolumeRequest) -> Result<Option<VolumeSource>, CreateVolumeError> {
+    use csi::volume_content_source::Type;
+    match req.volume_content_source.as_ref().map(|s| s.r#type.as_ref()) {
+        None => Ok(None),
+        Some(Some(Type::Snapshot(s))) => Ok(Some(VolumeSource::Snapshot(s.snapshot_id.clone()))),
+        Some(Some(Type::Volume(v))) => Ok(Some(VolumeSource::Volume(v.volume_id.clone()))),
+        Some(None) => Err(CreateVolumeError::ContentSourceEmpty),
+    }
+}
+
+/// Moves a spec with a content source to the node holding the source (node-local data cannot
+/// move), which the request's requisite topology must allow; a copy is at least its source's size.
+async fn place_copy(
+    client: &kube::Client,
+    req: &csi::CreateVolumeRequest,
+    spec: &mut VolumeSpec,
+) -> Result<(), CreateVolumeError> {
+    use CreateVolumeError as E;
+    let Some(source) = spec.content_source.clone() else { return Ok(()) };
+    let kube = |source| E::Kube { name: req.name.clone(), source };
+    let (id, node, size, ready) = match &source {
+        VolumeSource::Snapshot(id) => {
+            let found =
+                snapshots::locate(client, id).await.map_err(kube)?.ok_or_else(|| E::SourceNotFound(id.clone()))?;
+            (id, found.node, found.size_bytes, found.ready)
+        }
+        VolumeSource::Volume(id) => {
+            let volume =
+                volumes::by_volume_id(client, id).await.map_err(kube)?.ok_or_else(|| E::SourceNotFound(id.clone()))?;
+            let status = volume.status.clone().unwrap_or_default();
+            let ready = status.phase == Some(Phase::Ready);
+            (id, volume.spec.node.clone(), status.capacity_bytes.unwrap_or(volume.spec.size_bytes), ready)
+        }
+    };
+    if !ready {
+        return Err(E::SourceNotReady { id: id.clone(), node });
+    }
+    let requisite = req.accessibility_requirements.as_ref().and_then(|r| named_nodes(&r.requisite));
+    if requisite.is_some_and(|nodes| !nodes.contains(&node)) {
+        return Err(E::SourceElsewhere { id: id.clone(), node });
+    }
+    spec.node = node;
+    spec.size_bytes = spec.size_bytes.max(size);
+    Ok(())
+}
+
+/// What a CreateVolume asks for, as a `Volume` spec (before `place_copy` for a content source).
 fn requested_spec(req: &csi::CreateVolumeRequest) -> Result<VolumeSpec, CreateVolumeError> {
     use CreateVolumeError as E;
-    if req.volume_content_source.is_some() {
-        return Err(E::ContentSource);
-    }
+    let content_source = requested_source(req)?;
     let capabilities = Capability::parse_all(&req.volume_capabilities).map_err(E::Request)?;
     let parameters = ClassParameters::parse(&req.parameters).map_err(E::Request)?;
     let mount_fs = capabilities.iter().find_map(|c| match &c.access_type {
         AccessType::Mount { fs_type, .. } => Some(fs_type.or(parameters.fs_type).unwrap_or(FsType::Ext4)),
         AccessType::Block => None,
     });
-    let node = requested_node(req.accessibility_requirements.as_ref()).ok_or(E::NoNode)?;
+    // A copy goes where its source is (`place_copy`); the topology is checked there.
+    let node = match requested_node(req.accessibility_requirements.as_ref()) {
+        Some(node) => node,
+        None if content_source.is_some() => String::new(),
+        None => return Err(E::NoNode),
+    };
     let range = req.capacity_range.unwrap_or_default();
     let minimum = mount_fs.map_or(MIB, FsType::minimum_bytes);
     let size = resolve_capacity(range.required_bytes, range.limit_bytes, GIB, minimum).map_err(E::Request)?;
@@ -247,6 +347,7 @@ fn requested_spec(req: &csi::CreateVolumeRequest) -> Result<VolumeSpec, CreateVo
         provisioning: parameters.provisioning,
         mkfs_options: parameters.mkfs_options,
         claim_ref: None,
+        content_source,
     })
 }
 
@@ -257,12 +358,20 @@ impl ClusterController {
             return Err(E::NameMissing);
         }
         let name = req.name.clone();
-        let spec = requested_spec(req)?;
+        let mut spec = requested_spec(req)?;
         let kube = |source| E::Kube { name: name.clone(), source };
+        let existing = volumes::api(&self.client).get_opt(&name).await.map_err(kube)?;
+        if existing.is_none() {
+            place_copy(&self.client, req, &mut spec).await?;
+        } else if spec.content_source.is_some() {
+            // Made already: it is where its source is (checked below against the request).
+            spec.node = existing.as_ref().map(|v| v.spec.node.clone()).unwrap_or_default();
+        }
         let (existing, _) = volumes::ensure(&self.client, &name, spec.clone()).await.map_err(kube)?;
         if existing.spec.node != spec.node
             || existing.spec.volume_mode != spec.volume_mode
             || existing.spec.size_bytes < spec.size_bytes
+            || existing.spec.content_source != spec.content_source
         {
             return Err(E::Incompatible { name });
         }
@@ -353,6 +462,29 @@ impl ClusterController {
         Ok(validation_response(req, verdict))
     }
 
+    /// ControllerModifyVolume: the same `modify::request` as plinth's own claim flow, waited for.
+    async fn modify(&self, req: &csi::ControllerModifyVolumeRequest) -> Result<(), ModifyVolumeError> {
+        if req.volume_id.is_empty() {
+            return Err(ModifyVolumeError::IdMissing);
+        }
+        let changes = MutableParameters::parse(&req.mutable_parameters).map_err(ModifyError::Parameters)?;
+        let volume = volumes::by_volume_id(&self.client, &req.volume_id)
+            .await
+            .map_err(|source| ModifyError::Kube { name: req.volume_id.clone(), source })?
+            .ok_or_else(|| ModifyError::VolumeNotFound(req.volume_id.clone()))?;
+        if modify::request(&self.client, &volume, changes).await? == Progress::Done {
+            return Ok(());
+        }
+        let name = volume.name_any();
+        let acted = |v: Option<&Volume>| v.is_none_or(|v| !matches!(modify::progress(v), Ok(Progress::Pending)));
+        let volume = volumes::wait_for(&self.client, &name, self.wait, acted)
+            .await
+            .map_err(ModifyError::Wait)?
+            .ok_or_else(|| ModifyError::VolumeNotFound(req.volume_id.clone()))?;
+        modify::progress(&volume)?;
+        Ok(())
+    }
+
     fn unimplemented(&self, method: &'static str, why: &str) -> Status {
         let message = format!("{method} is not served by plinth's cluster-mode controller{why}");
         self.rpc.refuse(method, "", Unimplemented(message))
@@ -402,7 +534,15 @@ impl Controller for ClusterController {
         _: Request<csi::ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
         use controller_service_capability::rpc::Type;
-        Ok(Response::new(capabilities_response(&[Type::CreateDeleteVolume, Type::ExpandVolume])))
+        Ok(Response::new(capabilities_response(&[
+            Type::CreateDeleteVolume,
+            Type::ExpandVolume,
+            Type::CreateDeleteSnapshot,
+            Type::ListSnapshots,
+            Type::GetSnapshot,
+            Type::CloneVolume,
+            Type::ModifyVolume,
+        ])))
     }
 
     async fn controller_publish_volume(
@@ -431,27 +571,38 @@ impl Controller for ClusterController {
     }
     async fn create_snapshot(
         &self,
-        _: Request<csi::CreateSnapshotRequest>,
+        request: Request<csi::CreateSnapshotRequest>,
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
-        Err(self.unimplemented("CreateSnapshot", ""))
+        let req = request.into_inner();
+        let snapshots = self.snapshots();
+        let snapshot = self.rpc.run("CreateSnapshot", &req.source_volume_id, snapshots.create(&req)).await?;
+        Ok(Response::new(csi::CreateSnapshotResponse { snapshot: Some(snapshot) }))
     }
     async fn delete_snapshot(
         &self,
-        _: Request<csi::DeleteSnapshotRequest>,
+        request: Request<csi::DeleteSnapshotRequest>,
     ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
-        Err(self.unimplemented("DeleteSnapshot", ""))
+        let id = request.into_inner().snapshot_id;
+        let snapshots = self.snapshots();
+        self.rpc.run("DeleteSnapshot", &id, snapshots.delete(&id)).await?;
+        Ok(Response::new(csi::DeleteSnapshotResponse {}))
     }
     async fn list_snapshots(
         &self,
-        _: Request<csi::ListSnapshotsRequest>,
+        request: Request<csi::ListSnapshotsRequest>,
     ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
-        Err(self.unimplemented("ListSnapshots", ""))
+        let req = request.into_inner();
+        let snapshots = self.snapshots();
+        Ok(Response::new(self.rpc.run("ListSnapshots", "", snapshots.list(&req)).await?))
     }
     async fn get_snapshot(
         &self,
-        _: Request<csi::GetSnapshotRequest>,
+        request: Request<csi::GetSnapshotRequest>,
     ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
-        Err(self.unimplemented("GetSnapshot", ""))
+        let id = request.into_inner().snapshot_id;
+        let snapshots = self.snapshots();
+        let snapshot = self.rpc.run("GetSnapshot", &id, snapshots.get(&id)).await?;
+        Ok(Response::new(csi::GetSnapshotResponse { snapshot: Some(snapshot) }))
     }
     async fn controller_get_volume(
         &self,
@@ -461,9 +612,11 @@ impl Controller for ClusterController {
     }
     async fn controller_modify_volume(
         &self,
-        _: Request<csi::ControllerModifyVolumeRequest>,
+        request: Request<csi::ControllerModifyVolumeRequest>,
     ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
-        Err(self.unimplemented("ControllerModifyVolume", ""))
+        let req = request.into_inner();
+        self.rpc.run("ControllerModifyVolume", &req.volume_id, self.modify(&req)).await?;
+        Ok(Response::new(csi::ControllerModifyVolumeResponse {}))
     }
 }
 
@@ -507,7 +660,7 @@ mod tests {
             assert_eq!(status.code(), expected, "HTTP {code}");
             assert!(status.message().starts_with("creating volume pvc-1 through the Kubernetes API: "), "{status:?}");
         }
-        let timed_out = WaitError::TimedOut { name: "pvc-1".into(), within: Duration::from_secs(20) };
+        let timed_out = WaitError::TimedOut { kind: "volume", name: "pvc-1".into(), within: Duration::from_secs(20) };
         assert_eq!(status(&CreateVolumeError::Wait(timed_out)).code(), Code::Aborted, "not final: retry");
         let failed = CreateVolumeError::NodeFailed { name: "pvc-1".into(), node: "a".into(), why: "pool full".into() };
         assert_eq!(status(&failed).code(), Code::ResourceExhausted);
@@ -528,6 +681,18 @@ mod tests {
         let mut bad = create_request(Some("node-b"));
         bad.parameters.insert("color".into(), "blue".into());
         assert_eq!(status(&requested_spec(&bad).unwrap_err()).code(), Code::InvalidArgument);
+        let mut copy = create_request(None);
+        copy.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+                snapshot_id: "snap-1".into(),
+            })),
+        });
+        let spec = requested_spec(&copy).expect("a copy needs no node: it goes where its source is");
+        assert_eq!(spec.content_source, Some(VolumeSource::Snapshot("snap-1".into())));
+        copy.volume_content_source = Some(csi::VolumeContentSource { r#type: None });
+        assert_eq!(status(&requested_spec(&copy).unwrap_err()).code(), Code::InvalidArgument);
+        let elsewhere = CreateVolumeError::SourceElsewhere { id: "snap-1".into(), node: "node-a".into() };
+        assert_eq!(status(&elsewhere).code(), Code::ResourceExhausted, "external-provisioner reschedules on it");
     }
 
     #[test]

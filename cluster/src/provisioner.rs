@@ -1,13 +1,17 @@
 //! The cluster controller's reconcilers:
-//! - claims of plinth StorageClasses → a `Volume` on a chosen node → once that node's agent reports
-//!   it ready, a PersistentVolume pre-bound to the claim (the real PV controller completes binding);
+//! - claims of plinth StorageClasses → a `Volume` on a chosen node (for a claim with a data
+//!   source: the node holding the source, see `data_source`) → once that node's agent reports it
+//!   ready, a PersistentVolume pre-bound to the claim, and the claim's `spec.volumeName` set as
+//!   Kubernetes' own binder sets it, so the PV controller completes the bind on that claim event
+//!   instead of its periodic resync;
 //! - Released PVs with reclaimPolicy Delete → delete the `Volume` (the agent removes the image) →
 //!   delete the PV; Retain keeps both;
 //! - a claim asking for more → grow the `Volume`, then the PV, then flag the claim for kubelet's
-//!   node-side expansion.
+//!   node-side expansion; a claim whose VolumeAttributesClass changes → `modify`.
 //!
 //! Names are derived from the claim's UID (`pvc-<uid>`), so a restarted controller finds what it
-//! made before and never makes a second Volume or PV.
+//! made before and never makes a second Volume or PV. Waits are event-driven (Volumes are watched
+//! and mapped to their claims and PVs); failures are retried with a per-object backoff.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,31 +28,38 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use plinth_controller::metrics::Metrics;
 use plinth_controller::params::ClassParameters;
+use plinth_engine::failpoint;
 use plinth_engine::model::FsType;
 use plinth_proto::{DRIVER_NAME, TOPOLOGY_NODE_KEY};
 use serde_json::json;
 
+use crate::backoff::Backoff;
 use crate::crd::{ClaimRef, Phase, Volume, VolumeMode, VolumeSpec};
+use crate::data_source::{self, Source};
 use crate::keys::{PROVISIONED_BY, SELECTED_NODE};
-use crate::volumes;
 use crate::{Error, Result};
+use crate::{modify, volumes};
 
 pub struct Context {
     pub client: kube::Client,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// Error retries of claims, PVs and snapshot contents (one history per object).
+    pub backoff: Backoff,
 }
 
 impl Context {
     pub fn new(client: kube::Client, instance: &str, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter { controller: "plinth-controller".into(), instance: Some(instance.into()) };
-        Self { recorder: Recorder::new(client.clone(), reporter), client, metrics }
+        let backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
+        Self { recorder: Recorder::new(client.clone(), reporter), client, metrics, backoff }
     }
 
-    async fn event(&self, claim: &PersistentVolumeClaim, type_: EventType, reason: &str, note: String) {
+    /// Records an event about `object` (a claim, a snapshot content); failures are only logged.
+    pub async fn event<K: Resource<DynamicType = ()>>(&self, object: &K, type_: EventType, reason: &str, note: String) {
         let event =
             Event { type_, reason: reason.into(), note: Some(note), action: "Provision".into(), secondary: None };
-        if let Err(error) = self.recorder.publish(&event, &claim.object_ref(&())).await {
+        if let Err(error) = self.recorder.publish(&event, &object.object_ref(&())).await {
             tracing::warn!(%error, "recording an event failed");
         }
     }
@@ -181,14 +192,156 @@ fn persistent_volume(
             "nodeAffinity": { "required": { "nodeSelectorTerms": [ { "matchExpressions": [
                 { "key": TOPOLOGY_NODE_KEY, "operator": "In", "values": [volume.spec.node] }
             ] } ] } },
+            // The PV controller binds a claim only to a PV of the claim's attributes class.
+            "volumeAttributesClassName": spec.volume_attributes_class_name,
         }
     }))
+}
+
+/// Completes the claim side of the pre-binding as Kubernetes' binder does (`spec.volumeName`), so
+/// the PV controller binds on this claim event rather than on its periodic resync. Checked
+/// against the claim's UID: a claim deleted and made again under the same name is not this one.
+async fn point_claim_at(ctx: &Context, claim: &PersistentVolumeClaim, pv_name: &str) -> Result<()> {
+    if claim.spec.as_ref().and_then(|s| s.volume_name.as_deref()).is_some_and(|v| !v.is_empty()) {
+        return Ok(());
+    }
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &claim.namespace().unwrap_or_default());
+    let patch = json!([
+        { "op": "test", "path": "/metadata/uid", "value": claim.uid() },
+        { "op": "add", "path": "/spec/volumeName", "value": pv_name },
+    ]);
+    let patch: json_patch::Patch = serde_json::from_value(patch).map_err(|e| Error::Invalid(e.to_string()))?;
+    claims.patch(&claim.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch)).await?;
+    Ok(())
 }
 
 async fn reconcile_claim(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> Result<Action> {
     let result = reconcile_claim_inner(&claim, &ctx).await;
     ctx.metrics.record_reconcile("claims", result.is_ok());
-    result
+    ctx.backoff.observe(claim.as_ref(), result)
+}
+
+/// What the claim's Volume is made from and where, or why not yet (the claim has been told).
+enum Placement {
+    On { node: String, source: Option<Source> },
+    Wait(Action),
+}
+
+/// The node for a new Volume: the source's node when the claim has a data source (node-local data
+/// cannot move), the scheduler's choice for WaitForFirstConsumer, the best node for Immediate.
+async fn place(ctx: &Context, claim: &PersistentVolumeClaim, class: &StorageClass, bytes: i64) -> Result<Placement> {
+    let wait_for_consumer = class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer");
+    let selected = claim.annotations().get(SELECTED_NODE).cloned();
+    if wait_for_consumer && selected.is_none() {
+        // The scheduler has not chosen yet; its annotation brings the claim back.
+        return Ok(Placement::Wait(Action::await_change()));
+    }
+    let source = match data_source::resolve(&ctx.client, claim).await {
+        Ok(source) => source,
+        Err(error) => {
+            let note =
+                format!("cannot provision from the claim's data source: {}", plinth_controller::rpc::chain(&error));
+            if error.may_resolve() {
+                ctx.event(claim, EventType::Normal, "Provisioning", note.clone()).await;
+                return Err(Error::Waiting(note));
+            }
+            ctx.event(claim, EventType::Warning, "ProvisioningFailed", note).await;
+            return Ok(Placement::Wait(Action::await_change()));
+        }
+    };
+    if let Some(source) = source {
+        if let Some(selected) = selected.filter(|_| wait_for_consumer)
+            && selected != source.node
+        {
+            // What external-provisioner does for a node that cannot host the volume: say why and
+            // hand the claim back to the scheduler.
+            let note = format!(
+                "{} holds its data on node {}, but the scheduler selected node {selected}: plinth volumes are \
+                 node-local, so the claim must be used on node {}; asking the scheduler to choose again",
+                source.describe, source.node, source.node
+            );
+            ctx.event(claim, EventType::Warning, "ProvisioningFailed", note).await;
+            clear_selected_node(ctx, claim).await?;
+            return Ok(Placement::Wait(Action::await_change()));
+        }
+        return Ok(Placement::On { node: source.node.clone(), source: Some(source) });
+    }
+    if let Some(node) = selected.filter(|_| wait_for_consumer) {
+        return Ok(Placement::On { node, source: None });
+    }
+    match choose_node(ctx, class, bytes).await? {
+        Some(node) => Ok(Placement::On { node, source: None }),
+        None => {
+            let class_name = class.name_any();
+            let note =
+                format!("no Ready node with the plinth agent has {bytes} bytes free for class {class_name}; retrying");
+            ctx.event(claim, EventType::Warning, "ProvisioningFailed", note.clone()).await;
+            Err(Error::Waiting(note))
+        }
+    }
+}
+
+/// Removes the scheduler's selected-node annotation (the scheduler then picks again).
+async fn clear_selected_node(ctx: &Context, claim: &PersistentVolumeClaim) -> Result<()> {
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &claim.namespace().unwrap_or_default());
+    let patch = json!({ "metadata": { "annotations": { SELECTED_NODE: null } } });
+    claims.patch(&claim.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
+/// The Volume spec for a claim, or why none can be made (the claim has been told).
+async fn volume_spec(
+    ctx: &Context,
+    claim: &PersistentVolumeClaim,
+    class: &StorageClass,
+    node: String,
+    bytes: i64,
+    source: Option<Source>,
+) -> Result<std::result::Result<VolumeSpec, Action>> {
+    let class_name = class.name_any();
+    let parameters = match ClassParameters::parse(class.parameters.iter().flatten()) {
+        Ok(parameters) => parameters,
+        Err(error) => {
+            let note = format!("StorageClass {class_name} has parameters plinth cannot use: {error}");
+            ctx.event(claim, EventType::Warning, "ProvisioningFailed", note).await;
+            return Ok(Err(Action::await_change()));
+        }
+    };
+    let mut provisioning = parameters.provisioning;
+    if let Some(vac) =
+        claim.spec.as_ref().and_then(|s| s.volume_attributes_class_name.clone()).filter(|c| !c.is_empty())
+    {
+        // A class set at creation applies at creation.
+        match modify::class_parameters(&ctx.client, &vac).await {
+            Ok(changes) => provisioning = changes.provisioning.unwrap_or(provisioning),
+            Err(error) => {
+                let note = format!("VolumeAttributesClass {vac}: {}", plinth_controller::rpc::chain(&error));
+                ctx.event(claim, EventType::Warning, "ProvisioningFailed", note.clone()).await;
+                if matches!(error, modify::ModifyError::ClassMissing(_)) {
+                    return Err(Error::Waiting(note));
+                }
+                return Ok(Err(Action::await_change()));
+            }
+        }
+    }
+    let block = claim.spec.as_ref().and_then(|s| s.volume_mode.as_deref()) == Some("Block");
+    Ok(Ok(VolumeSpec {
+        node,
+        // A copy is at least as large as its source.
+        size_bytes: bytes.max(source.as_ref().map_or(0, |s| s.size_bytes)),
+        volume_mode: if block { VolumeMode::Block } else { VolumeMode::Filesystem },
+        fs_type: (!block).then(|| parameters.fs_type.unwrap_or(FsType::Ext4)),
+        provisioning,
+        mkfs_options: parameters.mkfs_options,
+        claim_ref: Some(ClaimRef {
+            namespace: claim.namespace().unwrap_or_default(),
+            name: claim.name_any(),
+            uid: claim.uid().unwrap_or_default(),
+        }),
+        content_source: source.map(|s| s.content),
+    }))
 }
 
 async fn reconcile_claim_inner(claim: &PersistentVolumeClaim, ctx: &Context) -> Result<Action> {
@@ -204,60 +357,31 @@ async fn reconcile_claim_inner(claim: &PersistentVolumeClaim, ctx: &Context) -> 
     let Some(name) = volume_name(claim) else { return Ok(Action::await_change()) };
     let bound_to = claim.spec.as_ref().and_then(|s| s.volume_name.clone()).filter(|v| !v.is_empty());
     if let Some(pv_name) = bound_to {
-        return expand(claim, &class, &pv_name, ctx).await;
+        return bound(claim, &class, &pv_name, ctx).await;
     }
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     if pvs.get_opt(&name).await?.is_some() {
-        // Made already; the PV controller binds it.
-        return Ok(Action::requeue(Duration::from_secs(10)));
+        // Made already (an earlier attempt stopped before pointing the claim at it).
+        point_claim_at(ctx, claim, &name).await?;
+        return Ok(Action::await_change());
     }
     let bytes = requested_bytes(claim)?;
-    let wait_for_consumer = class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer");
     let volume = match volumes::api(&ctx.client).get_opt(&name).await? {
         Some(volume) => volume,
         None => {
-            let node = if wait_for_consumer {
-                match claim.annotations().get(SELECTED_NODE) {
-                    Some(node) => node.clone(),
-                    None => return Ok(Action::await_change()),
-                }
-            } else {
-                match choose_node(ctx, &class, bytes).await? {
-                    Some(node) => node,
-                    None => {
-                        ctx.event(claim, EventType::Warning, "ProvisioningFailed", format!(
-                            "no Ready node with the plinth agent has {bytes} bytes free for class {class_name}; retrying"
-                        ))
-                        .await;
-                        return Ok(Action::requeue(Duration::from_secs(5)));
-                    }
-                }
+            let (node, source) = match place(ctx, claim, &class, bytes).await? {
+                Placement::On { node, source } => (node, source),
+                Placement::Wait(action) => return Ok(action),
             };
-            let parameters = match ClassParameters::parse(class.parameters.iter().flatten()) {
-                Ok(parameters) => parameters,
-                Err(error) => {
-                    let note = format!("StorageClass {class_name} has parameters plinth cannot use: {error}");
-                    ctx.event(claim, EventType::Warning, "ProvisioningFailed", note).await;
-                    return Ok(Action::requeue(Duration::from_secs(60)));
-                }
-            };
-            let block = claim.spec.as_ref().and_then(|s| s.volume_mode.as_deref()) == Some("Block");
-            let spec = VolumeSpec {
-                node: node.clone(),
-                size_bytes: bytes,
-                volume_mode: if block { VolumeMode::Block } else { VolumeMode::Filesystem },
-                fs_type: (!block).then(|| parameters.fs_type.unwrap_or(FsType::Ext4)),
-                provisioning: parameters.provisioning,
-                mkfs_options: parameters.mkfs_options,
-                claim_ref: Some(ClaimRef {
-                    namespace: claim.namespace().unwrap_or_default(),
-                    name: claim.name_any(),
-                    uid: claim.uid().unwrap_or_default(),
-                }),
+            let described = source.as_ref().map(|s| format!(" from {}", s.describe)).unwrap_or_default();
+            let spec = match volume_spec(ctx, claim, &class, node.clone(), bytes, source).await? {
+                Ok(spec) => spec,
+                Err(action) => return Ok(action),
             };
             let (volume, created) = volumes::ensure(&ctx.client, &name, spec).await?;
+            failpoint::check("provision.volume_requested")?;
             if created {
-                let note = format!("creating volume {name} on node {node}");
+                let note = format!("creating volume {name} on node {node}{described}");
                 ctx.event(claim, EventType::Normal, "Provisioning", note).await;
             }
             volume
@@ -282,35 +406,54 @@ async fn reconcile_claim_inner(claim: &PersistentVolumeClaim, ctx: &Context) -> 
                 Err(kube::Error::Api(e)) if e.code == 409 => {}
                 Err(e) => return Err(e.into()),
             }
-            Ok(Action::requeue(Duration::from_secs(10)))
+            failpoint::check("provision.pv_made")?;
+            point_claim_at(ctx, claim, &name).await?;
+            Ok(Action::await_change())
         }
         Some(Phase::Failed) => {
             let why = volume.status.as_ref().and_then(|s| s.message.clone()).unwrap_or_default();
-            ctx.event(
-                claim,
-                EventType::Warning,
-                "ProvisioningFailed",
-                format!("node {} could not create the volume: {why}", volume.spec.node),
-            )
-            .await;
-            if !wait_for_consumer {
+            let note = format!("node {} could not create the volume: {why}", volume.spec.node);
+            ctx.event(claim, EventType::Warning, "ProvisioningFailed", note.clone()).await;
+            let wait_for_consumer = class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer");
+            if !wait_for_consumer && volume.spec.content_source.is_none() {
                 // Let another node be chosen; the agent drops the finalizer once nothing is left.
                 volumes::delete(&ctx.client, &name).await?;
             }
-            Ok(Action::requeue(Duration::from_secs(5)))
+            Err(Error::Waiting(note))
         }
-        _ => Ok(Action::requeue(Duration::from_secs(2))),
+        // The agent's report brings the claim back (Volumes are watched and mapped to claims).
+        _ => Ok(Action::await_change()),
     }
 }
 
-/// Claim grew: Volume first (the agent grows the image), then the PV, then the claim is flagged
-/// for kubelet's NodeExpandVolume.
-async fn expand(claim: &PersistentVolumeClaim, class: &StorageClass, pv_name: &str, ctx: &Context) -> Result<Action> {
+/// A claim pointing at a PV: grow it if it asks for more, modify it if its attributes class
+/// changed.
+async fn bound(claim: &PersistentVolumeClaim, class: &StorageClass, pv_name: &str, ctx: &Context) -> Result<Action> {
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     let Some(pv) = pvs.get_opt(pv_name).await? else { return Ok(Action::await_change()) };
     if pv.annotations().get(PROVISIONED_BY).map(String::as_str) != Some(DRIVER_NAME) {
         return Ok(Action::await_change());
     }
+    if let Some(action) = expand(claim, class, &pv, ctx).await? {
+        return Ok(action);
+    }
+    if claim.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Bound") {
+        return Ok(Action::await_change());
+    }
+    modify::reconcile_claim(ctx, claim, &pv).await
+}
+
+/// Claim grew: Volume first (the agent grows the image), then the PV, then the claim is flagged
+/// for kubelet's NodeExpandVolume. `None`: there is nothing (more) to grow.
+async fn expand(
+    claim: &PersistentVolumeClaim,
+    class: &StorageClass,
+    pv: &PersistentVolume,
+    ctx: &Context,
+) -> Result<Option<Action>> {
+    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    let pv_name = pv.name_any();
+    let pv_name = pv_name.as_str();
     let requested = requested_bytes(claim)?;
     let current = pv
         .spec
@@ -321,7 +464,7 @@ async fn expand(claim: &PersistentVolumeClaim, class: &StorageClass, pv_name: &s
         .transpose()?
         .unwrap_or(0);
     if requested <= current {
-        return Ok(Action::await_change());
+        return Ok(None);
     }
     if class.allow_volume_expansion != Some(true) {
         ctx.event(
@@ -331,28 +474,31 @@ async fn expand(claim: &PersistentVolumeClaim, class: &StorageClass, pv_name: &s
             format!("class {} does not allow expansion", class.name_any()),
         )
         .await;
-        return Ok(Action::await_change());
+        return Ok(None);
     }
     let Some(volume) = volumes::api(&ctx.client).get_opt(pv_name).await? else {
-        return Ok(Action::await_change());
+        return Ok(None);
     };
     if volume.spec.size_bytes < requested {
         volumes::request_growth(&ctx.client, pv_name, requested).await?;
+        failpoint::check("expand.growth_requested")?;
         ctx.event(claim, EventType::Normal, "Resizing", format!("growing volume {pv_name} to {requested} bytes")).await;
-        return Ok(Action::requeue(Duration::from_secs(1)));
+        // The agent's report brings the claim back (Volumes are watched).
+        return Ok(Some(Action::await_change()));
     }
     let grown = volume.status.as_ref().and_then(|s| s.capacity_bytes).unwrap_or(0);
     if grown < requested {
         let failed = volume.status.as_ref().is_some_and(|s| s.phase == Some(Phase::Failed));
         if failed {
             let why = volume.status.as_ref().and_then(|s| s.message.clone()).unwrap_or_default();
-            ctx.event(claim, EventType::Warning, "ExpansionFailed", why).await;
-            return Ok(Action::requeue(Duration::from_secs(15)));
+            ctx.event(claim, EventType::Warning, "ExpansionFailed", why.clone()).await;
+            return Err(Error::Waiting(format!("room to grow volume {pv_name}: {why}")));
         }
-        return Ok(Action::requeue(Duration::from_secs(1)));
+        return Ok(Some(Action::await_change()));
     }
     let patch = json!({ "spec": { "capacity": { "storage": grown.to_string() } } });
     pvs.patch(pv_name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    failpoint::check("expand.pv_grown")?;
     // What external-resizer does: record the allocation and hand over to kubelet.
     let claims: Api<PersistentVolumeClaim> =
         Api::namespaced(ctx.client.clone(), &claim.namespace().unwrap_or_default());
@@ -374,13 +520,13 @@ async fn expand(claim: &PersistentVolumeClaim, class: &StorageClass, pv_name: &s
         format!("volume {pv_name} grew to {grown} bytes; kubelet finishes on the node"),
     )
     .await;
-    Ok(Action::await_change())
+    Ok(Some(Action::await_change()))
 }
 
 async fn reconcile_volume_release(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Action> {
     let result = reconcile_release_inner(&pv, &ctx).await;
     ctx.metrics.record_reconcile("reclaim", result.is_ok());
-    result
+    ctx.backoff.observe(pv.as_ref(), result)
 }
 
 async fn reconcile_release_inner(pv: &PersistentVolume, ctx: &Context) -> Result<Action> {
@@ -395,8 +541,9 @@ async fn reconcile_release_inner(pv: &PersistentVolume, ctx: &Context) -> Result
     let name = pv.name_any();
     if volumes::api(&ctx.client).get_opt(&name).await?.is_some() {
         volumes::delete(&ctx.client, &name).await?;
+        failpoint::check("reclaim.volume_released")?;
         // The agent removes the image, then the finalizer; the Volume watch brings us back.
-        return Ok(Action::requeue(Duration::from_secs(2)));
+        return Ok(Action::await_change());
     }
     match Api::<PersistentVolume>::all(ctx.client.clone()).delete(&name, &DeleteParams::default()).await {
         Ok(_) => tracing::info!(pv = %name, "released volume deleted"),
@@ -406,9 +553,15 @@ async fn reconcile_release_inner(pv: &PersistentVolume, ctx: &Context) -> Result
     Ok(Action::await_change())
 }
 
-fn error_policy<K: ResourceExt>(object: Arc<K>, error: &Error, _: Arc<Context>) -> Action {
-    tracing::warn!(object = %object.name_any(), %error, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(3))
+/// Requeue for an error: the object's next backoff delay. Waiting is progress, not a failure.
+pub fn error_policy<K: Resource<DynamicType = ()>>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
+    let delay = ctx.backoff.failed(object.as_ref());
+    let object = ObjectRef::from_obj(object.as_ref());
+    match error {
+        Error::Waiting(what) => tracing::info!(%object, %what, retry_in = ?delay, "waiting"),
+        _ => tracing::warn!(%object, %error, retry_in = ?delay, "reconcile failed; retrying"),
+    }
+    Action::requeue(delay)
 }
 
 /// Runs both reconcilers until shutdown.
@@ -427,4 +580,54 @@ pub async fn run(ctx: Arc<Context>) {
         .run(reconcile_volume_release, error_policy, ctx)
         .for_each(|_| async {});
     futures::join!(claims, releases);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::VolumeStatus;
+
+    #[test]
+    fn the_pv_carries_the_claims_attributes_class_and_stays_on_its_node() {
+        let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+            "metadata": {"name": "data", "namespace": "apps", "uid": "u-1"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "plinth",
+                     "volumeAttributesClassName": "plinth-thick", "resources": {"requests": {"storage": "64Mi"}}}
+        }))
+        .unwrap();
+        let class: StorageClass = serde_json::from_value(json!({
+            "metadata": {"name": "plinth"}, "provisioner": DRIVER_NAME, "reclaimPolicy": "Retain"
+        }))
+        .unwrap();
+        let spec = VolumeSpec {
+            node: "node-a".into(),
+            size_bytes: 64 << 20,
+            volume_mode: VolumeMode::Filesystem,
+            fs_type: Some(FsType::Ext4),
+            provisioning: plinth_engine::model::Provisioning::Thick,
+            mkfs_options: None,
+            claim_ref: None,
+            content_source: None,
+        };
+        let mut volume = volumes::new_volume("pvc-u-1", spec);
+        volume.status = Some(VolumeStatus {
+            phase: Some(Phase::Ready),
+            volume_id: Some("vol-1".into()),
+            capacity_bytes: Some(64 << 20),
+            ..Default::default()
+        });
+        let pv: PersistentVolume = serde_json::from_value(persistent_volume(&claim, &class, &volume).unwrap()).unwrap();
+        let spec = pv.spec.unwrap();
+        assert_eq!(
+            spec.volume_attributes_class_name.as_deref(),
+            Some("plinth-thick"),
+            "else the PV controller never binds"
+        );
+        assert_eq!(spec.claim_ref.unwrap().uid.as_deref(), Some("u-1"));
+        assert_eq!(spec.persistent_volume_reclaim_policy.as_deref(), Some("Retain"));
+        let terms = spec.node_affinity.unwrap().required.unwrap().node_selector_terms;
+        assert_eq!(terms[0].match_expressions.as_ref().unwrap()[0].values.as_deref(), Some(&["node-a".to_owned()][..]));
+        let attributes = spec.csi.unwrap().volume_attributes.unwrap();
+        assert_eq!(attributes["provisioning"], "thick");
+    }
 }

@@ -100,14 +100,15 @@ pub async fn ensure_volume_id_label(client: &kube::Client, volume: &Volume) -> k
 
 #[derive(Debug, thiserror::Error)]
 pub enum WaitError {
-    #[error("watching volume {name}")]
+    #[error("watching {kind} {name}")]
     Watch {
+        kind: &'static str,
         name: String,
         #[source]
         source: kube::runtime::wait::Error,
     },
-    #[error("volume {name} is still being prepared on its node after {}s; retry", within.as_secs())]
-    TimedOut { name: String, within: Duration },
+    #[error("{kind} {name} is still being prepared on its node after {}s; retry", within.as_secs())]
+    TimedOut { kind: &'static str, name: String, within: Duration },
 }
 
 /// Watches the Volume named `name` until `condition` holds (it is given `None` once the object
@@ -118,10 +119,24 @@ pub async fn wait_for(
     within: Duration,
     condition: impl Condition<Volume>,
 ) -> Result<Option<Volume>, WaitError> {
-    match tokio::time::timeout(within, await_condition(api(client), name, condition)).await {
-        Ok(Ok(volume)) => Ok(volume),
-        Ok(Err(source)) => Err(WaitError::Watch { name: name.to_owned(), source }),
-        Err(_) => Err(WaitError::TimedOut { name: name.to_owned(), within }),
+    wait_on(api(client), "volume", name, within, condition).await
+}
+
+/// `wait_for` for any of plinth's objects (`kind` names it in errors).
+pub async fn wait_on<K>(
+    api: Api<K>,
+    kind: &'static str,
+    name: &str,
+    within: Duration,
+    condition: impl Condition<K>,
+) -> Result<Option<K>, WaitError>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    match tokio::time::timeout(within, await_condition(api, name, condition)).await {
+        Ok(Ok(object)) => Ok(object),
+        Ok(Err(source)) => Err(WaitError::Watch { kind, name: name.to_owned(), source }),
+        Err(_) => Err(WaitError::TimedOut { kind, name: name.to_owned(), within }),
     }
 }
 
@@ -140,6 +155,7 @@ mod tests {
             provisioning: Default::default(),
             mkfs_options: None,
             claim_ref: None,
+            content_source: None,
         };
         let volume = new_volume("pvc-1", spec);
         assert_eq!(volume.labels()[NODE_LABEL], "node-a");

@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
-# Build real Kubernetes control-plane binaries (kube-apiserver,
-# kube-controller-manager, kube-scheduler) and the etcd server from the Go
-# module proxy, and cache them outside the repository.
+# Build real Kubernetes binaries (kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubelet, kubectl), the etcd server and the standard CSI
+# infrastructure a cluster admin installs beside them (the common
+# snapshot-controller with the snapshot CRDs, and the csi-snapshotter,
+# csi-resizer and csi-provisioner sidecars) from the Go module proxy, and cache
+# them outside the repository.
 #
 # Layout (PLINTH_TEST_CACHE defaults to /var/cache/plinth-test):
-#   $PLINTH_TEST_CACHE/k8s-$K8S_VERSION/bin/{kube-apiserver,kube-controller-manager,kube-scheduler}
+#   $PLINTH_TEST_CACHE/k8s-$K8S_VERSION/bin/{kube-apiserver,kube-controller-manager,kube-scheduler,kubelet,kubectl}
 #   $PLINTH_TEST_CACHE/etcd-$ETCD_VERSION/bin/etcd
+#   $PLINTH_TEST_CACHE/external-snapshotter-$SNAPSHOTTER_VERSION/bin/{snapshot-controller,csi-snapshotter}
+#   $PLINTH_TEST_CACHE/external-snapshotter-$SNAPSHOTTER_VERSION/crd/*.yaml   (client/v8's config/crd)
+#   $PLINTH_TEST_CACHE/external-resizer-$RESIZER_VERSION/bin/csi-resizer
+#   $PLINTH_TEST_CACHE/external-provisioner-$PROVISIONER_VERSION/bin/csi-provisioner
+#
+# Printed, one per line, in this order: the five Kubernetes binaries, etcd,
+# snapshot-controller, csi-snapshotter, the snapshot CRD directory, csi-resizer,
+# csi-provisioner (tests/k8s/env.sh exports them).
 #
 # If every binary is already cached (and runs `--version`), this exits 0 in
 # seconds after printing the paths. Otherwise the missing component(s) are
@@ -20,6 +31,9 @@
 # Environment:
 #   K8S_VERSION        Kubernetes release (k8s.io/kubernetes module version)
 #   ETCD_VERSION       etcd release (go.etcd.io/etcd/server/v3 module version)
+#   SNAPSHOTTER_VERSION  github.com/kubernetes-csi/external-snapshotter/v8 (and client/v8) version
+#   RESIZER_VERSION    github.com/kubernetes-csi/external-resizer/v2 version
+#   PROVISIONER_VERSION  github.com/kubernetes-csi/external-provisioner/v6 version
 #   PLINTH_TEST_CACHE  cache root (default /var/cache/plinth-test)
 #   GO                 go binary to use (default: `go` in PATH, else /usr/local/go/bin/go)
 #   PLINTH_GOTOOLCHAIN force a GOTOOLCHAIN value (e.g. go1.27.3) for all builds
@@ -27,11 +41,18 @@ set -euo pipefail
 
 K8S_VERSION="${K8S_VERSION:-v1.37.2}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
+SNAPSHOTTER_VERSION="${SNAPSHOTTER_VERSION:-v8.7.0}"
+RESIZER_VERSION="${RESIZER_VERSION:-v2.3.0}"
+PROVISIONER_VERSION="${PROVISIONER_VERSION:-v6.4.0}"
 
 CACHE_ROOT="${PLINTH_TEST_CACHE:-/var/cache/plinth-test}"
 K8S_DIR="${CACHE_ROOT}/k8s-${K8S_VERSION}"
 ETCD_DIR="${CACHE_ROOT}/etcd-${ETCD_VERSION}"
 K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl)
+SNAPSHOTTER_DIR="${CACHE_ROOT}/external-snapshotter-${SNAPSHOTTER_VERSION}"
+SNAPSHOTTER_BINS=(snapshot-controller csi-snapshotter)
+RESIZER_DIR="${CACHE_ROOT}/external-resizer-${RESIZER_VERSION}"
+PROVISIONER_DIR="${CACHE_ROOT}/external-provisioner-${PROVISIONER_VERSION}"
 
 SCRIPT_START=$(date +%s)
 
@@ -61,17 +82,38 @@ k8s_cached() {
 
 etcd_cached() { bin_ok "${ETCD_DIR}/bin/etcd"; }
 
+# The snapshot CRDs come with the binaries: a cache entry without them is incomplete.
+snapshotter_cached() {
+    local b
+    for b in "${SNAPSHOTTER_BINS[@]}"; do
+        bin_ok "${SNAPSHOTTER_DIR}/bin/${b}" || return 1
+    done
+    [[ -f "${SNAPSHOTTER_DIR}/crd/snapshot.storage.k8s.io_volumesnapshots.yaml" \
+        && -f "${SNAPSHOTTER_DIR}/crd/groupsnapshot.storage.k8s.io_volumegroupsnapshots.yaml" ]]
+}
+
+resizer_cached() { bin_ok "${RESIZER_DIR}/bin/csi-resizer"; }
+provisioner_cached() { bin_ok "${PROVISIONER_DIR}/bin/csi-provisioner"; }
+
+all_cached() { k8s_cached && etcd_cached && snapshotter_cached && resizer_cached && provisioner_cached; }
+
 print_paths() {
     local b
     for b in "${K8S_BINS[@]}"; do
         echo "${K8S_DIR}/bin/${b}"
     done
     echo "${ETCD_DIR}/bin/etcd"
+    for b in "${SNAPSHOTTER_BINS[@]}"; do
+        echo "${SNAPSHOTTER_DIR}/bin/${b}"
+    done
+    echo "${SNAPSHOTTER_DIR}/crd"
+    echo "${RESIZER_DIR}/bin/csi-resizer"
+    echo "${PROVISIONER_DIR}/bin/csi-provisioner"
 }
 
 # Fast path: no lock, no Go, no network.
-if k8s_cached && etcd_cached; then
-    log "all components cached (k8s ${K8S_VERSION}, etcd ${ETCD_VERSION})"
+if all_cached; then
+    log "all components cached (k8s ${K8S_VERSION}, etcd ${ETCD_VERSION}, external-snapshotter ${SNAPSHOTTER_VERSION}, external-resizer ${RESIZER_VERSION}, external-provisioner ${PROVISIONER_VERSION})"
     print_paths
     exit 0
 fi
@@ -108,7 +150,8 @@ fi
 # We hold the lock: any leftover .partial-* dirs (wrapper modules, staged
 # binaries) or {k8s,etcd}-*.old.* dirs are from builds that were killed.
 chmod -R u+w -- "${CACHE_ROOT}"/.partial-* 2>/dev/null || true
-rm -rf -- "${CACHE_ROOT}"/.partial-* "${CACHE_ROOT}"/k8s-*.old.* "${CACHE_ROOT}"/etcd-*.old.* 2>/dev/null || true
+rm -rf -- "${CACHE_ROOT}"/.partial-* "${CACHE_ROOT}"/k8s-*.old.* "${CACHE_ROOT}"/etcd-*.old.* \
+    "${CACHE_ROOT}"/external-*.old.* 2>/dev/null || true
 
 # Throwaway wrapper modules go here (outside any repository; on the cache
 # filesystem so a SIGKILLed run's leftovers are swept by the line above).
@@ -376,6 +419,95 @@ build_etcd() {
 }
 
 # ---------------------------------------------------------------------------
+# kubernetes-csi commands (external-snapshotter, external-resizer, external-provisioner)
+# ---------------------------------------------------------------------------
+
+# build_csi_cmds NAME MODULE VERSION STAGE [EXTRA_MODULE...] -- CMD...: a wrapper module that
+# requires MODULE@VERSION (and each EXTRA_MODULE@VERSION, so MVS cannot pick an older copy of a
+# sibling module the release's go.mod names), `go build` of MODULE/cmd/CMD into STAGE/bin/CMD,
+# with main.version set as the release's Makefile sets it.
+build_csi_cmds() {
+    local name="$1" module="$2" version="$3" stage="$4"
+    shift 4
+    local -a extra=() cmds=()
+    while [[ $# -gt 0 && "$1" != "--" ]]; do extra+=("$1"); shift; done
+    shift
+    cmds=("$@")
+    local gomod tc mod_dir m c
+    log "${name} ${version}: resolving release go.mod"
+    gomod=$(gomod_of "${module}@${version}")
+    tc=$(pick_toolchain "$gomod")
+    log "${name}: GOTOOLCHAIN=${tc}"
+    mod_dir="${WORK}/${name}-wrapper"
+    mkdir -p "$mod_dir"
+    {
+        echo "module plinth.test/${name}"
+        echo
+        copy_header "$gomod"
+        echo
+        echo "require ${module} ${version}"
+        for m in "${extra[@]}"; do
+            echo "require ${m} ${version}"
+        done
+    } >"${mod_dir}/go.mod"
+    log "${name}: resolving module graph (go get)"
+    (cd "$mod_dir" && GOTOOLCHAIN="$tc" "${GO}" get "${module}@${version}" "${extra[@]/%/@${version}}") \
+        || die "${name}: go get failed"
+    for c in "${cmds[@]}"; do
+        log "${name}: compiling ${c}"
+        (cd "$mod_dir" && GOTOOLCHAIN="$tc" "${GO}" build -trimpath -buildvcs=false \
+            -ldflags "-s -w -X main.version=${version}" \
+            -o "${stage}/bin/${c}" "${module}/cmd/${c}") \
+            || die "${name}: go build of ${c} failed"
+        bin_ok "${stage}/bin/${c}" || die "${name}: built ${c} does not run --version"
+    done
+}
+
+build_snapshotter() {
+    local t0 stage client_dir
+    t0=$(date +%s)
+    new_stage "external-snapshotter-${SNAPSHOTTER_VERSION}"
+    stage="$STAGE"
+    # The release's go.mod names an older client/v8; the CRDs and the binaries must agree, so
+    # both come from the same client release.
+    build_csi_cmds external-snapshotter github.com/kubernetes-csi/external-snapshotter/v8 \
+        "${SNAPSHOTTER_VERSION}" "$stage" github.com/kubernetes-csi/external-snapshotter/client/v8 \
+        -- "${SNAPSHOTTER_BINS[@]}"
+    client_dir=$(cd "${WORK}" && GOTOOLCHAIN=local "${GO}" mod download -json \
+        "github.com/kubernetes-csi/external-snapshotter/client/v8@${SNAPSHOTTER_VERSION}" \
+        | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')
+    [[ -d "${client_dir}/config/crd" ]] || die "external-snapshotter: no config/crd in client/v8 (${client_dir})"
+    mkdir -p "${stage}/crd"
+    cp -- "${client_dir}"/config/crd/*.yaml "${stage}/crd/"
+    rm -f -- "${stage}/crd/kustomization.yaml"
+    chmod -R u+w,a+rX -- "${stage}/crd"
+    install_stage "$stage" "$SNAPSHOTTER_DIR"
+    log "external-snapshotter ${SNAPSHOTTER_VERSION}: done in $(elapsed "$t0")"
+}
+
+build_resizer() {
+    local t0 stage
+    t0=$(date +%s)
+    new_stage "external-resizer-${RESIZER_VERSION}"
+    stage="$STAGE"
+    build_csi_cmds external-resizer github.com/kubernetes-csi/external-resizer/v2 "${RESIZER_VERSION}" "$stage" \
+        -- csi-resizer
+    install_stage "$stage" "$RESIZER_DIR"
+    log "external-resizer ${RESIZER_VERSION}: done in $(elapsed "$t0")"
+}
+
+build_provisioner() {
+    local t0 stage
+    t0=$(date +%s)
+    new_stage "external-provisioner-${PROVISIONER_VERSION}"
+    stage="$STAGE"
+    build_csi_cmds external-provisioner github.com/kubernetes-csi/external-provisioner/v6 "${PROVISIONER_VERSION}" \
+        "$stage" -- csi-provisioner
+    install_stage "$stage" "$PROVISIONER_DIR"
+    log "external-provisioner ${PROVISIONER_VERSION}: done in $(elapsed "$t0")"
+}
+
+# ---------------------------------------------------------------------------
 # Main: re-check under the lock (someone else may have built), build missing.
 # ---------------------------------------------------------------------------
 if k8s_cached; then
@@ -390,8 +522,29 @@ else
     build_etcd
 fi
 
+if snapshotter_cached; then
+    log "external-snapshotter ${SNAPSHOTTER_VERSION}: cached"
+else
+    build_snapshotter
+fi
+
+if resizer_cached; then
+    log "external-resizer ${RESIZER_VERSION}: cached"
+else
+    build_resizer
+fi
+
+if provisioner_cached; then
+    log "external-provisioner ${PROVISIONER_VERSION}: cached"
+else
+    build_provisioner
+fi
+
 k8s_cached || die "kubernetes binaries missing after build"
 etcd_cached || die "etcd binary missing after build"
+snapshotter_cached || die "external-snapshotter binaries or CRDs missing after build"
+resizer_cached || die "csi-resizer missing after build"
+provisioner_cached || die "csi-provisioner missing after build"
 
 log "all components ready in $(elapsed "$SCRIPT_START")"
 print_paths

@@ -24,6 +24,15 @@ pub struct Binaries {
     /// (`crate::node`) need them, so their absence does not skip the control-plane tests.
     pub kubelet: Option<PathBuf>,
     pub kubectl: Option<PathBuf>,
+    /// The standard CSI infrastructure beside Kubernetes, built from the Go module proxy with the
+    /// rest (`PLINTH_SNAPSHOT_CONTROLLER`, `PLINTH_SNAPSHOT_CRDS` — a directory of the
+    /// external-snapshotter client's CRDs —, `PLINTH_CSI_SNAPSHOTTER`, `PLINTH_CSI_RESIZER`,
+    /// `PLINTH_CSI_PROVISIONER`): only the snapshot and sidecar tests need them.
+    pub snapshot_controller: Option<PathBuf>,
+    pub snapshot_crds: Option<PathBuf>,
+    pub csi_snapshotter: Option<PathBuf>,
+    pub csi_resizer: Option<PathBuf>,
+    pub csi_provisioner: Option<PathBuf>,
 }
 
 impl Binaries {
@@ -40,6 +49,11 @@ impl Binaries {
                 version: var("PLINTH_K8S_VERSION")?,
                 kubelet: var("PLINTH_KUBELET").map(PathBuf::from),
                 kubectl: var("PLINTH_KUBECTL").map(PathBuf::from),
+                snapshot_controller: var("PLINTH_SNAPSHOT_CONTROLLER").map(PathBuf::from),
+                snapshot_crds: var("PLINTH_SNAPSHOT_CRDS").map(PathBuf::from),
+                csi_snapshotter: var("PLINTH_CSI_SNAPSHOTTER").map(PathBuf::from),
+                csi_resizer: var("PLINTH_CSI_RESIZER").map(PathBuf::from),
+                csi_provisioner: var("PLINTH_CSI_PROVISIONER").map(PathBuf::from),
             })
         })()
     }
@@ -256,7 +270,41 @@ impl ControlPlane {
         plane
     }
 
-    fn spawn(&mut self, name: &str, command: &mut Command) {
+    /// Installs what a cluster admin installs for snapshots, as they would: the external-snapshotter
+    /// CRDs (snapshot.storage.k8s.io, groupsnapshot.storage.k8s.io) and the common
+    /// snapshot-controller, here a process beside the control plane.
+    pub async fn install_snapshot_controller(&mut self, binaries: &Binaries) {
+        let crds = binaries.snapshot_crds.clone().expect("PLINTH_SNAPSHOT_CRDS (tests/k8s/build-components.sh)");
+        let controller =
+            binaries.snapshot_controller.clone().expect("PLINTH_SNAPSHOT_CONTROLLER (tests/k8s/build-components.sh)");
+        let client = self.client().await;
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&crds)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", crds.display()))
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .collect();
+        files.sort();
+        assert!(files.len() >= 6, "the snapshot CRDs in {}: {files:?}", crds.display());
+        for file in &files {
+            for object in read_manifests(file) {
+                let applied = apply(&client, &object).await;
+                wait_crd_established(&client, applied.metadata.name.as_deref().expect("CRD name")).await;
+            }
+        }
+        let kubeconfig = self.kubeconfig.display().to_string();
+        self.spawn(
+            "snapshot-controller",
+            Command::new(controller)
+                .arg(format!("--kubeconfig={kubeconfig}"))
+                .arg("--leader-election=false")
+                .arg("-v=4"),
+        );
+    }
+
+    /// Runs `command` beside the control plane (its output in `<name>.log` in the plane's dir,
+    /// stopped with the plane): how the tests run cluster infrastructure such as sidecars.
+    pub fn spawn(&mut self, name: &str, command: &mut Command) {
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).expect("log file");
         // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
         unsafe {
@@ -306,6 +354,12 @@ impl ControlPlane {
         let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Whether the process started as `name` (by [`spawn`](Self::spawn)) has exited, and how.
+    pub fn exited(&mut self, name: &str) -> Option<std::process::ExitStatus> {
+        let (_, child) = self.processes.iter_mut().find(|(n, _)| n == name)?;
+        child.try_wait().ok().flatten()
     }
 
     fn check_alive(&mut self) {
@@ -380,8 +434,26 @@ impl ControlPlane {
     }
 }
 
+/// When a test fails and `PLINTH_TEST_LOGS` names a directory, copies the `*.log` files of `dir`
+/// there (into a subdirectory named after `dir`), so the processes' logs outlive the temp dirs.
+pub fn keep_logs_on_failure(dir: &Path) {
+    let Some(into) = std::env::var_os("PLINTH_TEST_LOGS").filter(|_| std::thread::panicking()) else { return };
+    let into = PathBuf::from(into).join(dir.file_name().unwrap_or_default());
+    if std::fs::create_dir_all(&into).is_err() {
+        return;
+    }
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let _ = std::fs::copy(&path, into.join(entry.file_name()));
+        }
+    }
+    eprintln!("logs kept in {}", into.display());
+}
+
 impl Drop for ControlPlane {
     fn drop(&mut self) {
+        keep_logs_on_failure(self.dir.path());
         // Dependants first: scheduler and controller manager, then the apiserver, then etcd.
         for (_, child) in self.processes.iter_mut().rev() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM);

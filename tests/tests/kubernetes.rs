@@ -46,6 +46,9 @@ const CONTROLLER_NEEDS: &[Check] = &[
     ("create", "plinth.csi.dev", "volumes", None),
     ("delete", "plinth.csi.dev", "volumes", None),
     ("watch", "plinth.csi.dev", "volumes", None),
+    ("create", "plinth.csi.dev", "snapshots", None),
+    ("delete", "plinth.csi.dev", "groupsnapshots", None),
+    ("list", "storage.k8s.io", "volumeattributesclasses", None),
     ("create", "coordination.k8s.io", "leases", Some("plinth-system")),
     ("update", "coordination.k8s.io", "leases", Some("plinth-system")),
 ];
@@ -57,6 +60,23 @@ const CONTROLLER_MUST_NOT: &[Check] = &[
     ("update", "coordination.k8s.io", "leases", Some("kube-system")),
     ("update", "plinth.csi.dev", "volumes/status", None),
     ("create", "storage.k8s.io", "csistoragecapacities", Some("plinth-system")),
+    ("update", "plinth.csi.dev", "snapshots/status", None),
+];
+/// What the snapshot add-on (deploy/snapshots/) grants the controller, and what it still must not.
+const CONTROLLER_SNAPSHOT_NEEDS: &[Check] = &[
+    ("watch", "snapshot.storage.k8s.io", "volumesnapshotcontents", None),
+    ("patch", "snapshot.storage.k8s.io", "volumesnapshotcontents", None),
+    ("patch", "snapshot.storage.k8s.io", "volumesnapshotcontents/status", None),
+    ("get", "snapshot.storage.k8s.io", "volumesnapshots", Some("team-a")),
+    ("get", "snapshot.storage.k8s.io", "volumesnapshotclasses", None),
+    ("patch", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents/status", None),
+    ("get", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses", None),
+];
+const CONTROLLER_SNAPSHOT_MUST_NOT: &[Check] = &[
+    ("create", "snapshot.storage.k8s.io", "volumesnapshotcontents", None),
+    ("delete", "snapshot.storage.k8s.io", "volumesnapshots", Some("team-a")),
+    ("patch", "snapshot.storage.k8s.io", "volumesnapshots", Some("team-a")),
+    ("delete", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents", None),
 ];
 const NODE_NEEDS: &[Check] = &[
     ("get", "", "nodes", None),
@@ -65,6 +85,9 @@ const NODE_NEEDS: &[Check] = &[
     ("watch", "plinth.csi.dev", "volumes", None),
     ("patch", "plinth.csi.dev", "volumes", None),
     ("update", "plinth.csi.dev", "volumes/status", None),
+    ("watch", "plinth.csi.dev", "snapshots", None),
+    ("patch", "plinth.csi.dev", "groupsnapshots", None),
+    ("update", "plinth.csi.dev", "snapshots/status", None),
     ("create", "storage.k8s.io", "csistoragecapacities", Some("plinth-system")),
     ("update", "storage.k8s.io", "csistoragecapacities", Some("plinth-system")),
     ("delete", "storage.k8s.io", "csistoragecapacities", Some("plinth-system")),
@@ -75,6 +98,8 @@ const NODE_MUST_NOT: &[Check] = &[
     ("create", "", "persistentvolumes", None),
     ("create", "plinth.csi.dev", "volumes", None),
     ("delete", "plinth.csi.dev", "volumes", None),
+    ("create", "plinth.csi.dev", "snapshots", None),
+    ("get", "snapshot.storage.k8s.io", "volumesnapshotcontents", None),
     ("create", "storage.k8s.io", "csistoragecapacities", Some("default")),
     ("list", "", "pods", None),
 ];
@@ -98,19 +123,40 @@ async fn deploy_manifests_apply_and_rbac_is_least_privilege() {
         assert!(kinds.contains(&expected), "deploy/ has a {expected}");
     }
     assert!(!kinds.contains(&"VolumeSnapshotClass"), "the snapshot class is an add-on (deploy/snapshots/)");
+    let rules = serde_json::to_string(&objects).unwrap();
+    assert!(!rules.contains("snapshot.storage.k8s.io"), "RBAC for snapshot objects is in the add-on too");
 
-    // The snapshot add-on, once the cluster has the snapshot CRDs (a stand-in here).
+    // The snapshot add-on, once the cluster has the external-snapshotter's CRDs (the real ones,
+    // from the client module of the snapshot-controller release the tests run).
     let snapshots = repo().join("deploy/snapshots");
     let refused = k8s::kubectl(&binaries, &plane, &["apply", "--server-side", "-k", snapshots.to_str().unwrap()]);
     assert!(refused.is_err(), "without the CRDs the add-on cannot apply");
-    for object in k8s::read_manifests(&repo().join("tests/k8s/volumesnapshotclass-crd.yaml")) {
-        k8s::apply(&client, &object).await;
+    let crds = binaries.snapshot_crds.clone().expect("PLINTH_SNAPSHOT_CRDS (tests/k8s/build-components.sh)");
+    for entry in std::fs::read_dir(&crds).unwrap() {
+        for object in k8s::read_manifests(&entry.unwrap().path()) {
+            let applied = k8s::apply(&client, &object).await;
+            k8s::wait_crd_established(&client, applied.metadata.name.as_deref().unwrap()).await;
+        }
     }
-    k8s::wait_crd_established(&client, "volumesnapshotclasses.snapshot.storage.k8s.io").await;
     k8s::kubectl(&binaries, &plane, &["apply", "--server-side", "-k", snapshots.to_str().unwrap()])
         .unwrap_or_else(|e| panic!("kubectl apply -k deploy/snapshots/: {e}"));
     let class = k8s::kubectl(&binaries, &plane, &["get", "volumesnapshotclass", "plinth", "-o", "jsonpath={.driver}"]);
     assert_eq!(class.unwrap(), "plinth.csi.dev");
+    let group_class =
+        k8s::kubectl(&binaries, &plane, &["get", "volumegroupsnapshotclass", "plinth", "-o", "jsonpath={.driver}"]);
+    assert_eq!(group_class.unwrap(), "plinth.csi.dev");
+    for (verb, group, resource, ns) in CONTROLLER_SNAPSHOT_NEEDS {
+        assert!(
+            k8s::allowed(&client, CONTROLLER, verb, group, resource, *ns).await,
+            "with the add-on, plinth-controller must be allowed to {verb} {group}/{resource}"
+        );
+    }
+    for (verb, group, resource, ns) in CONTROLLER_SNAPSHOT_MUST_NOT {
+        assert!(
+            !k8s::allowed(&client, CONTROLLER, verb, group, resource, *ns).await,
+            "plinth-controller must NOT be allowed to {verb} {group}/{resource}"
+        );
+    }
 
     // Everything reads back, with the one image reference substituted.
     for object in &objects {
