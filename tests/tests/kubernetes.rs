@@ -37,6 +37,7 @@ const CONTROLLER_NEEDS: &[Check] = &[
     ("create", "", "persistentvolumes", None),
     ("delete", "", "persistentvolumes", None),
     ("patch", "", "persistentvolumes", None),
+    ("patch", "", "persistentvolumes/status", None),
     ("list", "", "nodes", None),
     ("create", "", "events", Some("team-a")),
     ("create", "events.k8s.io", "events", Some("team-a")),
