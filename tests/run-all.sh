@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 
 CSI_SANITY_VERSIONS=(v5.5.0 v5.4.0)   # the first the Go module proxy serves wins
 CACHE=${PLINTH_TEST_CACHE:-/var/cache/plinth-test}
+TARGET=${CARGO_TARGET_DIR:-$PWD/target}   # where cargo puts the plinth binary the tests run
 export PATH="$PATH:/usr/local/go/bin:$HOME/.cargo/bin"
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -56,9 +57,11 @@ done
 [ -n "$CSI_SANITY" ] || { echo "could not install csi-sanity" >&2; exit 1; }
 export CSI_SANITY
 
-step "Kubernetes components for the cluster tests (built once, cached under $CACHE)"
+step "Kubernetes components for the cluster tests, the snapshot-controller, its CRDs and the kubernetes-csi sidecars (built once, cached under $CACHE)"
 source tests/k8s/env.sh
 echo "kube-apiserver $PLINTH_K8S_VERSION, $("$PLINTH_ETCD" --version | head -1)"
+echo "snapshot-controller $("$PLINTH_SNAPSHOT_CONTROLLER" --version 2>&1 | head -1), CRDs in $PLINTH_SNAPSHOT_CRDS"
+echo "sidecars: $PLINTH_CSI_PROVISIONER $PLINTH_CSI_SNAPSHOTTER $PLINTH_CSI_RESIZER"
 
 step "interop clients: grpc-go dialing like kubelet, Python grpcio (gRPC C-core)"
 mkdir -p target/interop
@@ -82,15 +85,15 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build"
 cargo build --workspace --all-targets --locked
 
-step "node images (pause, base cached under $CACHE/images; plinth from target/debug)"
-source tests/k8s/images-env.sh "$PWD/target/debug/plinth"
+step "node images (pause, base cached under $CACHE/images; plinth from $TARGET/debug)"
+source tests/k8s/images-env.sh "$TARGET/debug/plinth"
 
 step "unit and integration tests"
 # Root-only and cluster tests are #[ignore]d for a plain `cargo test`; here they all run.
 cargo test --workspace --locked -- --include-ignored --skip bench_
 
 step "csi-sanity against plinth standalone"
-PLINTH_BIN=$PWD/target/debug/plinth tests/csi-sanity.sh
+PLINTH_BIN=$TARGET/debug/plinth tests/csi-sanity.sh
 
 step "leak check"
 # Every loop device, not just those whose path names plinth: what a container attached shows a

@@ -54,6 +54,9 @@ pub enum Command {
     /// Manage volumes through a running plinth.
     #[command(subcommand)]
     Volume(VolumeVerb),
+    /// Manage snapshots through a running plinth.
+    #[command(subcommand)]
+    Snapshot(SnapshotVerb),
     /// Pool capacity, volumes, and where they are mounted.
     Status,
 }
@@ -134,6 +137,18 @@ pub enum VolumeVerb {
         /// Preallocate the whole size now.
         #[arg(long)]
         thick: bool,
+        /// Restore this snapshot into the new volume (its layout is the snapshot's).
+        #[arg(long, conflicts_with_all = ["from_volume", "fs", "block"])]
+        from_snapshot: Option<String>,
+        /// Clone this volume into the new one (its layout is the source's).
+        #[arg(long, conflicts_with_all = ["fs", "block"])]
+        from_volume: Option<String>,
+    },
+    /// Grow a volume to SIZE (and its filesystem, if it is mounted).
+    Expand {
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
     },
     /// List volumes.
     List,
@@ -147,6 +162,21 @@ pub enum VolumeVerb {
     /// Unpublish the volume mounted at PATH and unstage it when nothing else uses it.
     Unmount { path: PathBuf },
     /// Delete a volume (it must not be mounted).
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotVerb {
+    /// Take a snapshot of a volume (a mounted one is frozen for the copy).
+    Create {
+        name: String,
+        /// The volume to snapshot.
+        #[arg(long)]
+        volume: String,
+    },
+    /// List snapshots.
+    List,
+    /// Delete a snapshot.
     Delete { name: String },
 }
 

@@ -38,6 +38,7 @@ async fn run(args: cli::Args) -> anyhow::Result<()> {
         Command::Node(opts) => server::serve(args.endpoint, opts, server::Mode::Node).await,
         Command::Standalone(opts) => server::serve(args.endpoint, opts, server::Mode::Standalone).await,
         Command::Volume(verb) => verbs::volume(&client_endpoint, args.output, verb).await,
+        Command::Snapshot(verb) => verbs::snapshot(&client_endpoint, args.output, verb).await,
         Command::Status => verbs::status(&client_endpoint, args.output).await,
     }
 }

@@ -1,19 +1,20 @@
-//! Client verbs: `plinth volume …` and `plinth status`, over the CSI API.
+//! Client verbs: `plinth volume …`, `plinth snapshot …` and `plinth status`, over the CSI API (and
+//! plinth's local API for what CSI has no call for: mount points, snapshot names).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow, bail};
 use plinth_controller::context::VolumeContext;
-use plinth_controller::identity::{MANIFEST_POOL, MANIFEST_STAGING_ROOT};
+use plinth_controller::identity::{MANIFEST_FILESYSTEMS, MANIFEST_GROWABLE, MANIFEST_POOL, MANIFEST_STAGING_ROOT};
 use plinth_controller::params::ClassParameters;
 use plinth_engine::model::{FsType, Provisioning};
 use plinth_engine::size::format_size;
 use plinth_proto::csi_v1::{self as csi, volume_capability};
-use plinth_proto::local::ListMountsRequest;
+use plinth_proto::local::{ListMountsRequest, ListSnapshotsRequest, SnapshotInfo};
 use serde_json::json;
 use tonic::Status;
 
-use crate::cli::{Output, VolumeVerb};
+use crate::cli::{Output, SnapshotVerb, VolumeVerb};
 use crate::client::{Clients, connect};
 
 fn explain(what: &str, status: Status) -> anyhow::Error {
@@ -132,10 +133,40 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
 pub async fn volume(endpoint: &str, output: Output, verb: VolumeVerb) -> anyhow::Result<()> {
     let mut clients = connect(endpoint).await?;
     match verb {
-        VolumeVerb::Create { name, size, fs, block, thick } => {
-            let fs_type = if block { None } else { Some(FsType::parse(fs.as_deref().unwrap_or("ext4"))?) };
+        VolumeVerb::Create { name, size, fs, block, thick, from_snapshot, from_volume } => {
+            let source = match (&from_snapshot, &from_volume) {
+                (Some(snapshot), _) => {
+                    let id = find_snapshot(&mut clients, snapshot).await?.snapshot_id;
+                    Some(csi::VolumeContentSource {
+                        r#type: Some(csi::volume_content_source::Type::Snapshot(
+                            csi::volume_content_source::SnapshotSource { snapshot_id: id },
+                        )),
+                    })
+                }
+                (None, Some(volume)) => {
+                    let id = find_by_name(&mut clients, volume).await?.volume_id;
+                    Some(csi::VolumeContentSource {
+                        r#type: Some(csi::volume_content_source::Type::Volume(
+                            csi::volume_content_source::VolumeSource { volume_id: id },
+                        )),
+                    })
+                }
+                (None, None) => None,
+            };
+            // A copy keeps its source's layout: ask for a mount capability without a filesystem
+            // (the source's), or a block one for a block source.
+            let fs_type = match (&source, block) {
+                (_, true) => None,
+                (Some(_), false) => source_layout(&mut clients, &from_snapshot, &from_volume).await?,
+                (None, false) => Some(FsType::parse(fs.as_deref().unwrap_or("ext4"))?),
+            };
             let provisioning = if thick { Provisioning::Thick } else { Provisioning::Thin };
-            let parameters = ClassParameters { fs_type, provisioning, mkfs_options: None }.to_map();
+            let parameters = ClassParameters {
+                fs_type: if source.is_some() { None } else { fs_type },
+                provisioning,
+                mkfs_options: None,
+            }
+            .to_map();
             let volume = clients
                 .controller
                 .create_volume(csi::CreateVolumeRequest {
@@ -143,6 +174,7 @@ pub async fn volume(endpoint: &str, output: Output, verb: VolumeVerb) -> anyhow:
                     capacity_range: Some(csi::CapacityRange { required_bytes: size as i64, limit_bytes: 0 }),
                     volume_capabilities: vec![capability(fs_type, false)],
                     parameters,
+                    volume_content_source: source,
                     ..Default::default()
                 })
                 .await
@@ -150,14 +182,59 @@ pub async fn volume(endpoint: &str, output: Output, verb: VolumeVerb) -> anyhow:
                 .into_inner()
                 .volume
                 .ok_or_else(|| anyhow!("plinth returned no volume"))?;
+            let from = from_snapshot
+                .map(|s| format!(", from snapshot {s}"))
+                .or(from_volume.map(|v| format!(", from volume {v}")));
             match output {
                 Output::Json => print_json(volume_json(&volume, &[])),
                 Output::Table => println!(
-                    "created {name} ({}, {}, {})",
+                    "created {name} ({}, {}, {}{})",
                     volume.volume_id,
                     format_size(volume.capacity_bytes as u64),
-                    fs_type.map_or("block", FsType::as_str)
+                    context_of(&volume).and_then(|c| c.fs_type).map_or("block", FsType::as_str),
+                    from.unwrap_or_default()
                 ),
+            }
+        }
+        VolumeVerb::Expand { name, size } => {
+            let volume = find_by_name(&mut clients, &name).await?;
+            let grown = clients
+                .controller
+                .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                    volume_id: volume.volume_id.clone(),
+                    capacity_range: Some(csi::CapacityRange { required_bytes: size as i64, limit_bytes: 0 }),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| explain(&format!("expanding {name}"), s))?
+                .into_inner();
+            // As a CO does: a staged volume's node grows its device and filesystem now.
+            let staged = clients
+                .local
+                .list_mounts(ListMountsRequest {})
+                .await
+                .map(|r| r.into_inner().volumes)
+                .unwrap_or_default()
+                .into_iter()
+                .find(|m| m.volume_id == volume.volume_id && !m.staging_path.is_empty());
+            let mut capacity = grown.capacity_bytes;
+            if let (Some(staged), true) = (staged, grown.node_expansion_required) {
+                capacity = clients
+                    .node
+                    .node_expand_volume(csi::NodeExpandVolumeRequest {
+                        volume_id: volume.volume_id.clone(),
+                        volume_path: staged.staging_path,
+                        capacity_range: Some(csi::CapacityRange { required_bytes: size as i64, limit_bytes: 0 }),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|s| explain(&format!("growing {name} on the node"), s))?
+                    .into_inner()
+                    .capacity_bytes;
+            }
+            match output {
+                Output::Json => print_json(json!({"name": name, "id": volume.volume_id, "capacity_bytes": capacity})),
+                Output::Table => println!("expanded {name} to {}", format_size(capacity.max(0) as u64)),
             }
         }
         VolumeVerb::List => {
@@ -324,6 +401,25 @@ pub async fn status(endpoint: &str, output: Output) -> anyhow::Result<()> {
     let mounts = local_mounts(&mut clients, &volumes).await;
     let provisioned: i64 = volumes.iter().map(|v| v.capacity_bytes).sum();
     let pool = info.manifest.get(MANIFEST_POOL).cloned().unwrap_or_default();
+    let listed = |key: &str| -> Vec<String> {
+        info.manifest
+            .get(key)
+            .map(|v| v.split(',').filter(|f| !f.is_empty()).map(str::to_owned).collect())
+            .unwrap_or_default()
+    };
+    let (formattable, growable) = (listed(MANIFEST_FILESYSTEMS), listed(MANIFEST_GROWABLE));
+    let filesystems_text = FsType::ALL
+        .iter()
+        .map(|fs| {
+            let name = fs.as_str();
+            match (formattable.iter().any(|f| f == name), growable.iter().any(|f| f == name)) {
+                (true, true) => name.to_owned(),
+                (true, false) => format!("{name} (cannot grow: tools missing)"),
+                (false, _) => format!("{name} (not installed)"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
     let ready_text = match &ready {
         Ok(_) => "ready".to_owned(),
         Err(s) => format!("not ready: {}", s.message()),
@@ -337,6 +433,7 @@ pub async fn status(endpoint: &str, output: Output) -> anyhow::Result<()> {
             "pool": pool,
             "available_bytes": capacity.available_capacity,
             "provisioned_bytes": provisioned,
+            "filesystems": {"format": formattable, "grow": growable},
             "volumes": volumes.iter().zip(&mounts).map(|(v, m)| volume_json(v, m)).collect::<Vec<_>>(),
         })),
         Output::Table => {
@@ -347,6 +444,9 @@ pub async fn status(endpoint: &str, output: Output) -> anyhow::Result<()> {
                 format_size(provisioned.max(0) as u64),
                 volumes.len()
             );
+            if info.manifest.contains_key(MANIFEST_FILESYSTEMS) {
+                println!("filesystems: {filesystems_text}");
+            }
             if !volumes.is_empty() {
                 println!();
                 print_volumes(&volumes, &mounts);
@@ -355,6 +455,125 @@ pub async fn status(endpoint: &str, output: Output) -> anyhow::Result<()> {
     }
     if ready.is_err() {
         bail!("plinth is not ready");
+    }
+    Ok(())
+}
+
+/// The filesystem a copy will have: its source's (`None`: a block source).
+async fn source_layout(
+    clients: &mut Clients,
+    from_snapshot: &Option<String>,
+    from_volume: &Option<String>,
+) -> anyhow::Result<Option<FsType>> {
+    match (from_snapshot, from_volume) {
+        (Some(snapshot), _) => {
+            let fs = find_snapshot(clients, snapshot).await?.fs_type;
+            Ok(if fs.is_empty() { None } else { Some(FsType::parse(&fs)?) })
+        }
+        (None, Some(volume)) => Ok(context_of(&find_by_name(clients, volume).await?).and_then(|c| c.fs_type)),
+        (None, None) => Ok(None),
+    }
+}
+
+async fn all_snapshots(clients: &mut Clients) -> anyhow::Result<Vec<SnapshotInfo>> {
+    Ok(clients
+        .local
+        .list_snapshots(ListSnapshotsRequest {})
+        .await
+        .map_err(|s| explain("listing snapshots", s))?
+        .into_inner()
+        .snapshots)
+}
+
+async fn find_snapshot(clients: &mut Clients, name: &str) -> anyhow::Result<SnapshotInfo> {
+    all_snapshots(clients)
+        .await?
+        .into_iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| anyhow!("no snapshot named {name:?}; see `plinth snapshot list`"))
+}
+
+fn snapshot_json(snapshot: &SnapshotInfo, volumes: &[csi::Volume]) -> serde_json::Value {
+    json!({
+        "name": snapshot.name,
+        "id": snapshot.snapshot_id,
+        "source_volume": volumes.iter().find(|v| v.volume_id == snapshot.source_volume_id).map(name_of),
+        "source_volume_id": snapshot.source_volume_id,
+        "size_bytes": snapshot.size_bytes,
+        "created_at_seconds": snapshot.created_at_seconds,
+        "copy_method": snapshot.copy_method,
+    })
+}
+
+pub async fn snapshot(endpoint: &str, output: Output, verb: SnapshotVerb) -> anyhow::Result<()> {
+    let mut clients = connect(endpoint).await?;
+    match verb {
+        SnapshotVerb::Create { name, volume } => {
+            let source = find_by_name(&mut clients, &volume).await?;
+            let started = std::time::Instant::now();
+            clients
+                .controller
+                .create_snapshot(csi::CreateSnapshotRequest {
+                    name: name.clone(),
+                    source_volume_id: source.volume_id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| explain(&format!("snapshotting {volume}"), s))?;
+            let elapsed = started.elapsed();
+            let taken = find_snapshot(&mut clients, &name).await?;
+            match output {
+                Output::Json => {
+                    let mut value = snapshot_json(&taken, std::slice::from_ref(&source));
+                    value["seconds"] = json!(elapsed.as_secs_f64());
+                    print_json(value)
+                }
+                Output::Table => println!(
+                    "snapshot {name} of {volume} taken ({}, {}, {:.2?})",
+                    taken.snapshot_id, taken.copy_method, elapsed
+                ),
+            }
+        }
+        SnapshotVerb::List => {
+            let snapshots = all_snapshots(&mut clients).await?;
+            let volumes = all_volumes(&mut clients).await?;
+            match output {
+                Output::Json => {
+                    print_json(json!(snapshots.iter().map(|s| snapshot_json(s, &volumes)).collect::<Vec<_>>()))
+                }
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = snapshots
+                        .iter()
+                        .map(|s| {
+                            let source = volumes.iter().find(|v| v.volume_id == s.source_volume_id).map(name_of);
+                            vec![
+                                s.name.clone(),
+                                s.snapshot_id.clone(),
+                                source.unwrap_or_else(|| format!("({})", s.source_volume_id)),
+                                format_size(s.size_bytes.max(0) as u64),
+                                s.copy_method.clone(),
+                            ]
+                        })
+                        .collect();
+                    print_table(&["NAME", "ID", "SOURCE", "SIZE", "METHOD"], &rows);
+                }
+            }
+        }
+        SnapshotVerb::Delete { name } => {
+            let snapshot = find_snapshot(&mut clients, &name).await?;
+            clients
+                .controller
+                .delete_snapshot(csi::DeleteSnapshotRequest {
+                    snapshot_id: snapshot.snapshot_id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| explain(&format!("deleting snapshot {name}"), s))?;
+            match output {
+                Output::Json => print_json(json!({"name": name, "id": snapshot.snapshot_id, "deleted": true})),
+                Output::Table => println!("deleted snapshot {name}"),
+            }
+        }
     }
     Ok(())
 }

@@ -5,10 +5,11 @@
 //! plinth 0.1 wrote). An older record is migrated when read (and written back in the new schema
 //! at its next save); a newer one is refused with a clear error rather than misread.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
-use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -35,7 +36,7 @@ impl Phase {
 }
 
 /// Something kept in a [`Store`], keyed by its ID.
-pub trait Record: Serialize + DeserializeOwned {
+pub trait Record: Serialize + DeserializeOwned + Clone {
     type Id: RecordId;
     /// The schema this plinth writes and reads up to.
     const SCHEMA: u32;
@@ -48,15 +49,19 @@ pub trait Record: Serialize + DeserializeOwned {
 
 const SCHEMA_KEY: &str = "schema";
 
+/// Records in a directory, one JSON file each, with a write-through cache of them all: plinth is
+/// the only writer (the data dir is locked), so after the first full read every `list`, which
+/// capacity accounting does on each create, is served from memory instead of N file reads.
 #[derive(Debug)]
 pub struct Store<R> {
     dir: PathBuf,
-    _records: PhantomData<fn() -> R>,
+    /// Every record by ID once `list_any` has read the directory; `None` before. Clones share it.
+    cache: Arc<Mutex<Option<BTreeMap<String, R>>>>,
 }
 
 impl<R> Clone for Store<R> {
     fn clone(&self) -> Self {
-        Self { dir: self.dir.clone(), _records: PhantomData }
+        Self { dir: self.dir.clone(), cache: Arc::clone(&self.cache) }
     }
 }
 
@@ -84,7 +89,11 @@ impl<R: Record> Store<R> {
                 std::fs::remove_file(entry.path())?;
             }
         }
-        Ok(Self { dir, _records: PhantomData })
+        Ok(Self { dir, cache: Arc::default() })
+    }
+
+    fn cached(&self) -> std::sync::MutexGuard<'_, Option<BTreeMap<String, R>>> {
+        self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn path(&self, id: &R::Id) -> PathBuf {
@@ -98,6 +107,13 @@ impl<R: Record> Store<R> {
 
     /// The record whatever its phase.
     pub fn load_any(&self, id: &R::Id) -> Result<Option<R>> {
+        if let Some(records) = self.cached().as_ref() {
+            return Ok(records.get(id.as_str()).cloned());
+        }
+        self.read(id)
+    }
+
+    fn read(&self, id: &R::Id) -> Result<Option<R>> {
         let path = self.path(id);
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
@@ -138,16 +154,37 @@ impl<R: Record> Store<R> {
             object.insert(SCHEMA_KEY.to_owned(), R::SCHEMA.into());
         }
         let bytes = serde_json::to_vec_pretty(&value).context(|| format!("encoding {}", record.id()))?;
-        write_atomic(&path, &bytes).context(|| format!("writing {}", path.display()))
+        // The disk first, then the cache (not under its lock: saves of other records go on
+        // meanwhile). A list that fills the cache in between reads the file or is corrected here.
+        let written = write_atomic(&path, &bytes).context(|| format!("writing {}", path.display()));
+        let mut cache = self.cached();
+        match (&written, cache.as_mut()) {
+            (Ok(()), Some(records)) => {
+                records.insert(record.id().as_str().to_owned(), record.clone());
+            }
+            // Unknown state on disk: read it again next time.
+            (Err(_), Some(_)) => *cache = None,
+            _ => {}
+        }
+        written
     }
 
     pub fn remove(&self, id: &R::Id) -> Result<()> {
         let path = self.path(id);
-        match std::fs::remove_file(&path) {
+        let removed = match std::fs::remove_file(&path) {
             Ok(()) => fsync_dir(&self.dir).context(|| format!("syncing {}", self.dir.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e).context(|| format!("removing {}", path.display())),
+        };
+        let mut cache = self.cached();
+        match (&removed, cache.as_mut()) {
+            (Ok(()), Some(records)) => {
+                records.remove(id.as_str());
+            }
+            (Err(_), Some(_)) => *cache = None,
+            _ => {}
         }
+        removed
     }
 
     /// Every [`Phase::Ready`] record, ordered by ID (the order pagination relies on).
@@ -157,6 +194,16 @@ impl<R: Record> Store<R> {
 
     /// Every record whatever its phase, ordered by ID.
     pub fn list_any(&self) -> Result<Vec<R>> {
+        let mut cache = self.cached();
+        if let Some(records) = cache.as_ref() {
+            return Ok(records.values().cloned().collect());
+        }
+        let records = self.read_all()?;
+        *cache = Some(records.iter().map(|r| (r.id().as_str().to_owned(), r.clone())).collect());
+        Ok(records)
+    }
+
+    fn read_all(&self) -> Result<Vec<R>> {
         let mut ids = Vec::new();
         for entry in std::fs::read_dir(&self.dir).context(|| format!("listing {}", self.dir.display()))? {
             let entry = entry.context(|| format!("listing {}", self.dir.display()))?;
@@ -167,7 +214,7 @@ impl<R: Record> Store<R> {
         }
         ids.sort();
         // A record removed between listing and loading is simply gone.
-        Ok(ids.iter().map(|id| self.load_any(id)).collect::<Result<Vec<_>>>()?.into_iter().flatten().collect())
+        Ok(ids.iter().map(|id| self.read(id)).collect::<Result<Vec<_>>>()?.into_iter().flatten().collect())
     }
 }
 
@@ -212,6 +259,24 @@ mod tests {
         store.remove(&a.id).unwrap();
         assert_eq!(store.load(&a.id).unwrap(), None);
         assert_eq!(std::fs::read_dir(dir.path().join("volumes")).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn the_cache_follows_every_write_and_matches_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Store<VolumeRecord> = Store::open(dir.path().join("volumes")).unwrap();
+        let shared = store.clone();
+        store.save(&record("a")).unwrap();
+        assert_eq!(store.list().unwrap().len(), 1, "the first list fills the cache from disk");
+        let mut b = record("b");
+        shared.save(&b).unwrap();
+        b.capacity_bytes *= 2;
+        store.save(&b).unwrap();
+        store.remove(&record("a").id).unwrap();
+        let from_disk: Store<VolumeRecord> = Store::open(dir.path().join("volumes")).unwrap();
+        assert_eq!(store.list().unwrap(), vec![b.clone()], "clones share one cache");
+        assert_eq!(from_disk.list().unwrap(), store.list().unwrap(), "what is cached is what is on disk");
+        assert_eq!(store.load(&b.id).unwrap(), Some(b));
     }
 
     /// Copies the records plinth 0.1 (record schema 1) wrote into `data`.

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod deployed;
 pub mod k8s;
 pub mod node;
 
@@ -183,6 +184,19 @@ impl Plinth {
     /// Full control: socket, allowed root, mode, data dir; `wait` for the CSI socket (a cluster
     /// controller serves none).
     pub fn start_at(socket: &Path, root: &Path, mode: &str, data_dir: &Path, extra: &[&str], wait: bool) -> Self {
+        Self::start_with_env(socket, root, mode, data_dir, extra, wait, &[])
+    }
+
+    /// [`start_at`](Self::start_at) with extra environment variables for the process.
+    pub fn start_with_env(
+        socket: &Path,
+        root: &Path,
+        mode: &str,
+        data_dir: &Path,
+        extra: &[&str],
+        wait: bool,
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = data_dir.with_extension("log");
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let child = Command::new(plinth_bin())
@@ -196,6 +210,7 @@ impl Plinth {
             .args(if extra.contains(&"--node-id") { &[][..] } else { &["--node-id", "test-node"][..] })
             .args(extra)
             .env("PLINTH_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
@@ -216,6 +231,13 @@ impl Plinth {
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("plinth did not start; log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+    }
+
+    /// The exit status once the process has ended (it is then reaped).
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
     }
 
     pub fn pid(&self) -> i32 {

@@ -72,6 +72,59 @@ fn walkthrough_create_mount_write_unmount_delete() {
 }
 
 #[test]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
+fn snapshots_clones_restores_and_expansion_from_the_cli() {
+    require_root!();
+    let sandbox = Sandbox::new();
+    let _server = Plinth::start(&sandbox, &[]);
+    let mount = sandbox.root().join("src");
+    let run = |args: &[&str]| {
+        let (ok, out, err) = plinth(&sandbox, args);
+        assert!(ok, "plinth {args:?}: {err}");
+        out
+    };
+    run(&["volume", "create", "src", "--size", "320Mi", "--fs", "xfs"]);
+    run(&["volume", "mount", "src", mount.to_str().unwrap()]);
+    std::fs::write(mount.join("data.txt"), "before the snapshot\n").unwrap();
+
+    let out = run(&["snapshot", "create", "snap", "--volume", "src"]);
+    assert!(out.contains("snapshot snap of src taken"), "{out}");
+    std::fs::write(mount.join("data.txt"), "after the snapshot\n").unwrap();
+    let out = run(&["snapshot", "list"]);
+    assert!(out.starts_with("NAME") && out.contains("snap") && out.contains("src"), "{out}");
+    let listed: serde_json::Value = serde_json::from_str(&run(&["snapshot", "list", "-o", "json"])).unwrap();
+    assert_eq!(listed[0]["name"], "snap");
+    assert_eq!(listed[0]["source_volume"], "src");
+
+    // Restore (larger than the source: grows on first stage) and clone, each mounted and read.
+    let out = run(&["volume", "create", "restored", "--size", "400Mi", "--from-snapshot", "snap"]);
+    assert!(out.contains("xfs") && out.contains("from snapshot snap"), "{out}");
+    run(&["volume", "create", "clone", "--size", "320Mi", "--from-volume", "src"]);
+    for (name, expected) in [("restored", "before the snapshot\n"), ("clone", "after the snapshot\n")] {
+        let at = sandbox.root().join(name);
+        run(&["volume", "mount", name, at.to_str().unwrap()]);
+        assert_eq!(std::fs::read_to_string(at.join("data.txt")).unwrap(), expected, "{name}");
+        run(&["volume", "unmount", at.to_str().unwrap()]);
+    }
+
+    // Expansion of a mounted xfs volume: the filesystem grows now.
+    let before = nix::sys::statvfs::statvfs(&mount).unwrap();
+    let out = run(&["volume", "expand", "src", "--size", "640Mi", "-o", "json"]);
+    let expanded: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(expanded["capacity_bytes"], 640 << 20);
+    let after = nix::sys::statvfs::statvfs(&mount).unwrap();
+    assert!(after.blocks() * after.fragment_size() > before.blocks() * before.fragment_size() + (250 << 20));
+
+    run(&["volume", "unmount", mount.to_str().unwrap()]);
+    assert!(run(&["snapshot", "delete", "snap"]).contains("deleted snapshot snap"));
+    assert_eq!(run(&["snapshot", "list", "-o", "json"]).trim(), "[]");
+    for name in ["src", "restored", "clone"] {
+        run(&["volume", "delete", name]);
+    }
+    assert!(sandbox.pool_images().is_empty());
+}
+
+#[test]
 fn errors_tell_the_user_what_to_do() {
     let sandbox = Sandbox::new();
     let (ok, _, err) = plinth(&sandbox, &["volume", "list"]);
