@@ -27,6 +27,9 @@ impl NodeService {
     }
 
     /// The request's volume: required, and an ID this node never issued is NOT_FOUND.
+    /// Parses the ID (a malformed one names no volume here: NOT_FOUND). Handlers call it after
+    /// checking the other fields, so a request missing one is INVALID_ARGUMENT whatever its ID, as
+    /// csi-sanity checks with IDs of its own shape.
     fn volume_id(&self, method: &'static str, raw: &str) -> Result<VolumeId, Status> {
         self.required(method, raw, "volume_id", raw)?;
         VolumeId::parse(raw).ok_or_else(|| {
@@ -66,9 +69,10 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
         const METHOD: &str = "NodeStageVolume";
         let req = request.into_inner();
-        let id = self.volume_id(METHOD, &req.volume_id)?;
+        self.required(METHOD, &req.volume_id, "volume_id", &req.volume_id)?;
         self.required(METHOD, &req.volume_id, "staging_target_path", &req.staging_target_path)?;
         let cap = self.capability(METHOD, &req.volume_id, req.volume_capability.as_ref())?;
+        let id = self.volume_id(METHOD, &req.volume_id)?;
         let engine = Arc::clone(&self.engine);
         let staging = req.staging_target_path;
         self.rpc.blocking(METHOD, &req.volume_id, move || engine.stage_volume(&id, &staging, &cap)).await?;
@@ -81,8 +85,9 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
         const METHOD: &str = "NodeUnstageVolume";
         let req = request.into_inner();
-        let id = self.volume_id(METHOD, &req.volume_id)?;
+        self.required(METHOD, &req.volume_id, "volume_id", &req.volume_id)?;
         self.required(METHOD, &req.volume_id, "staging_target_path", &req.staging_target_path)?;
+        let id = self.volume_id(METHOD, &req.volume_id)?;
         let engine = Arc::clone(&self.engine);
         let staging = req.staging_target_path;
         self.rpc.blocking(METHOD, &req.volume_id, move || engine.unstage_volume(&id, &staging)).await?;
@@ -95,10 +100,11 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
         const METHOD: &str = "NodePublishVolume";
         let req = request.into_inner();
-        let id = self.volume_id(METHOD, &req.volume_id)?;
+        self.required(METHOD, &req.volume_id, "volume_id", &req.volume_id)?;
         self.required(METHOD, &req.volume_id, "target_path", &req.target_path)?;
         let cap = self.capability(METHOD, &req.volume_id, req.volume_capability.as_ref())?;
         self.required(METHOD, &req.volume_id, "staging_target_path", &req.staging_target_path)?;
+        let id = self.volume_id(METHOD, &req.volume_id)?;
         let engine = Arc::clone(&self.engine);
         let (staging, target, readonly) = (req.staging_target_path, req.target_path, req.readonly);
         self.rpc
@@ -113,8 +119,9 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
         const METHOD: &str = "NodeUnpublishVolume";
         let req = request.into_inner();
-        let id = self.volume_id(METHOD, &req.volume_id)?;
+        self.required(METHOD, &req.volume_id, "volume_id", &req.volume_id)?;
         self.required(METHOD, &req.volume_id, "target_path", &req.target_path)?;
+        let id = self.volume_id(METHOD, &req.volume_id)?;
         let engine = Arc::clone(&self.engine);
         let target = req.target_path;
         self.rpc.blocking(METHOD, &req.volume_id, move || engine.unpublish_volume(&id, &target)).await?;
@@ -127,8 +134,9 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
         const METHOD: &str = "NodeGetVolumeStats";
         let req = request.into_inner();
-        let id = self.volume_id(METHOD, &req.volume_id)?;
+        self.required(METHOD, &req.volume_id, "volume_id", &req.volume_id)?;
         self.required(METHOD, &req.volume_id, "volume_path", &req.volume_path)?;
+        let id = self.volume_id(METHOD, &req.volume_id)?;
         let engine = Arc::clone(&self.engine);
         let path = req.volume_path;
         let (stats, condition) =
@@ -157,11 +165,12 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
         const METHOD: &str = "NodeExpandVolume";
         let req = request.into_inner();
-        let id = self.volume_id(METHOD, &req.volume_id)?;
+        self.required(METHOD, &req.volume_id, "volume_id", &req.volume_id)?;
         self.required(METHOD, &req.volume_id, "volume_path", &req.volume_path)?;
         if let Some(cap) = req.volume_capability.as_ref() {
             Capability::parse(cap).map_err(|e| self.rpc.refuse(METHOD, &req.volume_id, e))?;
         }
+        let id = self.volume_id(METHOD, &req.volume_id)?;
         let engine = Arc::clone(&self.engine);
         let required = req.capacity_range.map_or(0, |r| r.required_bytes);
         let path = req.volume_path;

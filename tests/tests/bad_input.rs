@@ -225,6 +225,9 @@ async fn node_rejects_bad_paths_ids_and_options_without_side_effects() {
     let cases: Vec<(&str, csi::NodeStageVolumeRequest, Code)> = vec![
         ("no id", stage("", s(&staging), Some(mount_cap("ext4"))), Code::InvalidArgument),
         ("no path", stage(&fs_id, String::new(), Some(mount_cap("ext4"))), Code::InvalidArgument),
+        // csi-sanity's IDs are not plinth's shape: a missing field still comes first.
+        ("no path, foreign id", stage("fake-volume-id", String::new(), Some(mount_cap("ext4"))), Code::InvalidArgument),
+        ("no capability, foreign id", stage("fake-volume-id", s(&staging), None), Code::InvalidArgument),
         ("no capability", stage(&fs_id, s(&staging), None), Code::InvalidArgument),
         ("relative path", stage(&fs_id, "relative/staging".into(), Some(mount_cap("ext4"))), Code::InvalidArgument),
         ("dot-dot", stage(&fs_id, format!("{}/../escape", s(&root)), Some(mount_cap("ext4"))), Code::InvalidArgument),
