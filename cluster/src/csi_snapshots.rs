@@ -13,9 +13,7 @@ use kube::ResourceExt;
 use plinth_controller::rpc::{GrpcError, Rpc};
 use plinth_engine::ids::SnapshotId;
 use plinth_engine::model::check_snapshot_parameters;
-use plinth_proto::csi_v1::{
-    self as csi, group_controller_server::GroupController, group_controller_service_capability,
-};
+use plinth_proto::csi_v1::{self as csi, group_controller_server::GroupController};
 use tonic::{Code, Request, Response, Status};
 
 use crate::crd::{GroupSnapshot, Phase, Snapshot};
@@ -376,12 +374,7 @@ impl GroupController for ClusterGroupController {
         &self,
         _: Request<csi::GroupControllerGetCapabilitiesRequest>,
     ) -> Result<Response<csi::GroupControllerGetCapabilitiesResponse>, Status> {
-        use group_controller_service_capability::{Rpc as Capability, Type, rpc::Type as RpcType};
-        Ok(Response::new(csi::GroupControllerGetCapabilitiesResponse {
-            capabilities: vec![csi::GroupControllerServiceCapability {
-                r#type: Some(Type::Rpc(Capability { r#type: RpcType::CreateDeleteGetVolumeGroupSnapshot as i32 })),
-            }],
-        }))
+        Ok(Response::new(plinth_controller::group::capabilities()))
     }
 
     async fn create_volume_group_snapshot(

@@ -35,18 +35,23 @@ fn to_csi_group(group: &GroupSnapshotRecord, members: &[SnapshotRecord]) -> csi:
     }
 }
 
+/// What plinth's GroupController serves, in standalone and cluster mode alike.
+pub fn capabilities() -> csi::GroupControllerGetCapabilitiesResponse {
+    use group_controller_service_capability::{Rpc, Type, rpc::Type as RpcType};
+    csi::GroupControllerGetCapabilitiesResponse {
+        capabilities: vec![csi::GroupControllerServiceCapability {
+            r#type: Some(Type::Rpc(Rpc { r#type: RpcType::CreateDeleteGetVolumeGroupSnapshot as i32 })),
+        }],
+    }
+}
+
 #[tonic::async_trait]
 impl GroupController for GroupControllerService {
     async fn group_controller_get_capabilities(
         &self,
         _: Request<csi::GroupControllerGetCapabilitiesRequest>,
     ) -> Result<Response<csi::GroupControllerGetCapabilitiesResponse>, Status> {
-        use group_controller_service_capability::{Rpc, Type, rpc::Type as RpcType};
-        Ok(Response::new(csi::GroupControllerGetCapabilitiesResponse {
-            capabilities: vec![csi::GroupControllerServiceCapability {
-                r#type: Some(Type::Rpc(Rpc { r#type: RpcType::CreateDeleteGetVolumeGroupSnapshot as i32 })),
-            }],
-        }))
+        Ok(Response::new(capabilities()))
     }
 
     async fn create_volume_group_snapshot(
