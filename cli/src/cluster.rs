@@ -48,7 +48,7 @@ pub async fn run_controller(
     let identity = identity(opts);
     let election = opts.leader_elect.then(|| {
         let duration = Duration::from_secs(opts.lease_duration_seconds.max(2));
-        LeaderElection::new(client.clone(), &opts.namespace, LEASE_NAME, &identity, duration)
+        Arc::new(LeaderElection::new(client.clone(), &opts.namespace, LEASE_NAME, &identity, duration))
     });
     tokio::pin!(shutdown);
     let mut leadership = None;
@@ -60,9 +60,17 @@ pub async fn run_controller(
         }
     }
     let context = Arc::new(provisioner::Context::new(client, &identity, metrics));
+    // Renewals run on their own task: a burst of reconciles keeps the reconcilers' task busy, and
+    // a renewal polled late is a lease lost.
     let lost = async {
         match (&election, leadership) {
-            (Some(election), Some(leadership)) => election.hold(leadership).await,
+            (Some(election), Some(leadership)) => {
+                let election = Arc::clone(election);
+                let renewing = tokio::spawn(async move { election.hold(leadership).await });
+                // Shutdown drops this future: renewals stop before the lease is released.
+                let _stop = AbortOnDrop(renewing.abort_handle());
+                let _ = renewing.await;
+            }
             _ => std::future::pending().await,
         }
     };
@@ -75,6 +83,14 @@ pub async fn run_controller(
             }
             Ok(())
         }
+    }
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

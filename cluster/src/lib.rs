@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod agent_snapshots;
 pub mod backoff;
+pub mod cache;
 pub mod capacity;
 pub mod crd;
 pub mod csi_controller;

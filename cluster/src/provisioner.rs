@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
-use k8s_openapi::api::storage::v1::{CSIStorageCapacity, StorageClass};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -34,6 +34,7 @@ use plinth_proto::{DRIVER_NAME, TOPOLOGY_NODE_KEY};
 use serde_json::json;
 
 use crate::backoff::Backoff;
+use crate::cache::{self, Caches};
 use crate::crd::{ClaimRef, Phase, Volume, VolumeMode, VolumeSpec};
 use crate::data_source::{self, Source};
 use crate::keys::{PROVISIONED_BY, SELECTED_NODE};
@@ -46,22 +47,40 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Error retries of claims, PVs and snapshot contents (one history per object).
     pub backoff: Backoff,
+    /// What the claim reconciler reads on every pass (see `cache`).
+    pub caches: Caches,
+    /// Events being written at once. Few: under a burst, the writes that move claims forward go
+    /// first and the events follow (all of this process's requests share one API server queue).
+    events_in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// See `Context::events_in_flight`.
+const EVENTS_IN_FLIGHT: usize = 2;
 
 impl Context {
     pub fn new(client: kube::Client, instance: &str, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter { controller: "plinth-controller".into(), instance: Some(instance.into()) };
         let backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
-        Self { recorder: Recorder::new(client.clone(), reporter), client, metrics, backoff }
+        let recorder = Recorder::new(client.clone(), reporter);
+        let events_in_flight = Arc::new(tokio::sync::Semaphore::new(EVENTS_IN_FLIGHT));
+        Self { recorder, client, metrics, backoff, caches: Caches::default(), events_in_flight }
     }
 
-    /// Records an event about `object` (a claim, a snapshot content); failures are only logged.
+    /// Records an event about `object` (a claim, a snapshot content) in the background: an event
+    /// is for people, so the reconcile that reports it does not wait for its write. Failures are
+    /// only logged.
     pub async fn event<K: Resource<DynamicType = ()>>(&self, object: &K, type_: EventType, reason: &str, note: String) {
         let event =
             Event { type_, reason: reason.into(), note: Some(note), action: "Provision".into(), secondary: None };
-        if let Err(error) = self.recorder.publish(&event, &object.object_ref(&())).await {
-            tracing::warn!(%error, "recording an event failed");
-        }
+        let (recorder, reference) = (self.recorder.clone(), object.object_ref(&()));
+        let in_flight = Arc::clone(&self.events_in_flight);
+        tokio::spawn(async move {
+            // Fair (first come, first served), so events keep their order; never closed.
+            let Ok(_permit) = in_flight.acquire().await else { return };
+            if let Err(error) = recorder.publish(&event, &reference).await {
+                tracing::warn!(%error, "recording an event failed");
+            }
+        });
     }
 }
 
@@ -109,12 +128,11 @@ fn allowed_by_topology(class: &StorageClass, node: &Node) -> bool {
 /// Volumes placed since a node last published are subtracted, so a burst of claims spreads out
 /// instead of piling onto whichever node looked emptiest a moment ago.
 async fn choose_node(ctx: &Context, class: &StorageClass, bytes: i64) -> Result<Option<String>> {
-    let capacities = Api::<CSIStorageCapacity>::all(ctx.client.clone()).list(&ListParams::default()).await?;
-    let placed = Api::<Volume>::all(ctx.client.clone()).list(&ListParams::default()).await?.items;
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let capacities = ctx.caches.capacities.state();
+    let placed = ctx.caches.volumes.state();
+    let unseen = ctx.caches.unseen_placements();
     let mut best: Option<(i64, String)> = None;
-    for capacity in
-        capacities.items.iter().filter(|c| Some(c.storage_class_name.as_str()) == class.metadata.name.as_deref())
+    for capacity in capacities.iter().filter(|c| Some(c.storage_class_name.as_str()) == class.metadata.name.as_deref())
     {
         let Some(node_name) = capacity
             .node_topology
@@ -139,12 +157,13 @@ async fn choose_node(ctx: &Context, class: &StorageClass, bytes: i64) -> Result<
                 not_ready || published_at.is_none_or(|p| created.is_none_or(|c| c >= p))
             })
             .map(|v| v.spec.size_bytes)
-            .sum();
+            .sum::<i64>()
+            + unseen.iter().filter(|(node, _)| node == node_name).map(|(_, bytes)| bytes).sum::<i64>();
         let free = published - in_flight;
         if free < bytes || best.as_ref().is_some_and(|(b, _)| *b >= free) {
             continue;
         }
-        let Some(node) = nodes.get_opt(node_name).await? else { continue };
+        let Some(node) = ctx.caches.node(&ctx.client, node_name).await? else { continue };
         if node_is_ready(&node) && allowed_by_topology(class, &node) {
             best = Some((free, node_name.clone()));
         }
@@ -210,27 +229,20 @@ const BIND_COMPLETED: &str = "pv.kubernetes.io/bind-completed";
 async fn complete_binding(ctx: &Context, claim: &PersistentVolumeClaim, pv: &PersistentVolume) -> Result<()> {
     let pv_name = pv.name_any();
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    if pv.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Bound") {
-        let status = json!({ "status": { "phase": "Bound" } });
-        pvs.patch_status(&pv_name, &PatchParams::default(), &Patch::Merge(&status)).await?;
-    }
     let claims: Api<PersistentVolumeClaim> =
         Api::namespaced(ctx.client.clone(), &claim.namespace().unwrap_or_default());
-    let pointed = claim.spec.as_ref().and_then(|s| s.volume_name.as_deref()).is_some_and(|v| !v.is_empty());
-    if !pointed || !claim.annotations().contains_key(BIND_COMPLETED) {
-        let mut patch = vec![json!({ "op": "test", "path": "/metadata/uid", "value": claim.uid() })];
-        if !pointed {
-            patch.push(json!({ "op": "add", "path": "/spec/volumeName", "value": pv_name }));
+    let pv_phase = async {
+        if pv.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Bound") {
+            let status = json!({ "status": { "phase": "Bound" } });
+            pvs.patch_status(&pv_name, &PatchParams::default(), &Patch::Merge(&status)).await?;
         }
-        patch.push(if claim.metadata.annotations.is_some() {
-            json!({ "op": "add", "path": "/metadata/annotations/pv.kubernetes.io~1bind-completed", "value": "yes" })
-        } else {
-            json!({ "op": "add", "path": "/metadata/annotations", "value": { BIND_COMPLETED: "yes" } })
-        });
-        let patch: json_patch::Patch =
-            serde_json::from_value(serde_json::Value::Array(patch)).map_err(|e| Error::Invalid(e.to_string()))?;
-        claims.patch(&claim.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch)).await?;
-    }
+        Ok::<_, Error>(())
+    };
+    // The PV's phase and the claim's pointer are independent writes: made together, they cost
+    // one round trip. The claim's status follows its pointer, as in the PV controller.
+    let (pv_phase, pointer) = futures::join!(pv_phase, point_claim(&claims, claim, &pv_name));
+    pv_phase?;
+    pointer?;
     if claim.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Bound") {
         let spec = pv.spec.clone().unwrap_or_default();
         let status = json!({ "status": {
@@ -241,6 +253,27 @@ async fn complete_binding(ctx: &Context, claim: &PersistentVolumeClaim, pv: &Per
         } });
         claims.patch_status(&claim.name_any(), &PatchParams::default(), &Patch::Merge(&status)).await?;
     }
+    Ok(())
+}
+
+/// Sets the claim's `spec.volumeName` and the bind-completed annotation, unless both are there.
+async fn point_claim(claims: &Api<PersistentVolumeClaim>, claim: &PersistentVolumeClaim, pv_name: &str) -> Result<()> {
+    let pointed = claim.spec.as_ref().and_then(|s| s.volume_name.as_deref()).is_some_and(|v| !v.is_empty());
+    if pointed && claim.annotations().contains_key(BIND_COMPLETED) {
+        return Ok(());
+    }
+    let mut patch = vec![json!({ "op": "test", "path": "/metadata/uid", "value": claim.uid() })];
+    if !pointed {
+        patch.push(json!({ "op": "add", "path": "/spec/volumeName", "value": pv_name }));
+    }
+    patch.push(if claim.metadata.annotations.is_some() {
+        json!({ "op": "add", "path": "/metadata/annotations/pv.kubernetes.io~1bind-completed", "value": "yes" })
+    } else {
+        json!({ "op": "add", "path": "/metadata/annotations", "value": { BIND_COMPLETED: "yes" } })
+    });
+    let patch: json_patch::Patch =
+        serde_json::from_value(serde_json::Value::Array(patch)).map_err(|e| Error::Invalid(e.to_string()))?;
+    claims.patch(&claim.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch)).await?;
     Ok(())
 }
 
@@ -376,7 +409,7 @@ async fn reconcile_claim_inner(claim: &PersistentVolumeClaim, ctx: &Context) -> 
     let Some(class_name) = claim.spec.as_ref().and_then(|s| s.storage_class_name.clone()) else {
         return Ok(Action::await_change());
     };
-    let Some(class) = Api::<StorageClass>::all(ctx.client.clone()).get_opt(&class_name).await? else {
+    let Some(class) = ctx.caches.class(&ctx.client, &class_name).await? else {
         return Ok(Action::await_change());
     };
     if class.provisioner != DRIVER_NAME || claim.meta().deletion_timestamp.is_some() {
@@ -388,27 +421,34 @@ async fn reconcile_claim_inner(claim: &PersistentVolumeClaim, ctx: &Context) -> 
         return bound(claim, &class, &pv_name, ctx).await;
     }
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    if let Some(pv) = pvs.get_opt(&name).await? {
-        // Made already (an earlier attempt stopped before the claim was bound to it).
+    if let Some(pv) = ctx.caches.pv(&name) {
+        // Made already (an earlier attempt stopped before the claim was bound to it). A PV the
+        // cache has not seen yet is found below, when creating it answers 409.
         complete_binding(ctx, claim, &pv).await?;
         return Ok(Action::await_change());
     }
     let bytes = requested_bytes(claim)?;
-    let volume = match volumes::api(&ctx.client).get_opt(&name).await? {
+    let volume = match ctx.caches.volume(&name) {
         Some(volume) => volume,
         None => {
             let (node, source) = match place(ctx, claim, &class, bytes).await? {
                 Placement::On { node, source } => (node, source),
                 Placement::Wait(action) => return Ok(action),
             };
+            let placed = ctx.caches.place(&name, &node, bytes.max(source.as_ref().map_or(0, |s| s.size_bytes)));
             let described = source.as_ref().map(|s| format!(" from {}", s.describe)).unwrap_or_default();
             let spec = match volume_spec(ctx, claim, &class, node.clone(), bytes, source).await? {
                 Ok(spec) => spec,
                 Err(action) => return Ok(action),
             };
-            let (volume, created) = volumes::ensure(&ctx.client, &name, spec).await?;
-            failpoint::check("provision.volume_requested")?;
+            let (volume, created) = volumes::create(&ctx.client, &name, spec).await?;
             if created {
+                placed.created();
+            }
+            failpoint::check("provision.volume_requested")?;
+            // A copy can take a while; a blank image is reported once, by ProvisioningSucceeded
+            // (an event per step would be a fifth of a burst's API writes).
+            if created && !described.is_empty() {
                 let note = format!("creating volume {name} on node {node}{described}");
                 ctx.event(claim, EventType::Normal, "Provisioning", note).await;
             }
@@ -457,16 +497,31 @@ async fn reconcile_claim_inner(claim: &PersistentVolumeClaim, ctx: &Context) -> 
 /// A claim pointing at a PV: grow it if it asks for more, modify it if its attributes class
 /// changed.
 async fn bound(claim: &PersistentVolumeClaim, class: &StorageClass, pv_name: &str, ctx: &Context) -> Result<Action> {
-    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    let Some(pv) = pvs.get_opt(pv_name).await? else { return Ok(Action::await_change()) };
+    let status = claim.status.clone().unwrap_or_default();
+    if status.phase.as_deref() != Some("Bound") {
+        // Binding is being completed; its last step (the claim's status) brings the claim back.
+        return Ok(Action::await_change());
+    }
+    let has = status.capacity.as_ref().and_then(|c| c.get("storage")).map(|q| parse_quantity(&q.0)).transpose()?;
+    let wanted_class = claim.spec.as_ref().and_then(|s| s.volume_attributes_class_name.clone()).unwrap_or_default();
+    let modify_idle = status.modify_volume_status.is_none()
+        && wanted_class == status.current_volume_attributes_class_name.clone().unwrap_or_default();
+    if has.is_some_and(|has| requested_bytes(claim).is_ok_and(|wants| wants <= has)) && modify_idle {
+        // Nothing to grow or modify: the common case, answered without the PV.
+        return Ok(Action::await_change());
+    }
+    let pv = match ctx.caches.pv(pv_name) {
+        Some(pv) => pv,
+        None => match Api::<PersistentVolume>::all(ctx.client.clone()).get_opt(pv_name).await? {
+            Some(pv) => pv,
+            None => return Ok(Action::await_change()),
+        },
+    };
     if pv.annotations().get(PROVISIONED_BY).map(String::as_str) != Some(DRIVER_NAME) {
         return Ok(Action::await_change());
     }
     if let Some(action) = expand(claim, class, &pv, ctx).await? {
         return Ok(action);
-    }
-    if claim.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Bound") {
-        return Ok(Action::await_change());
     }
     modify::reconcile_claim(ctx, claim, &pv).await
 }
@@ -592,22 +647,48 @@ pub fn error_policy<K: Resource<DynamicType = ()>>(object: Arc<K>, error: &Error
     Action::requeue(delay)
 }
 
+/// Claims reconciled at once. A reconcile is a few API calls, and the API server is what a burst
+/// waits for: unbounded, 100 claims advance in lockstep, each waiting for all; bounded, the
+/// first ones bind while later ones queue, at the same throughput.
+const CLAIMS_AT_ONCE: u16 = 16;
+
 /// Runs both reconcilers until shutdown.
 pub async fn run(ctx: Arc<Context>) {
+    let Some(writers) = ctx.caches.take_writers() else {
+        tracing::error!("the claim reconcilers are already running in this process");
+        return;
+    };
     let client = ctx.client.clone();
-    let claims = Controller::new(Api::<PersistentVolumeClaim>::all(client.clone()), watcher::Config::default())
-        .watches(Api::<Volume>::all(client.clone()), watcher::Config::default(), |volume: Volume| {
-            volume.spec.claim_ref.map(|c| ObjectRef::new(&c.name).within(&c.namespace))
-        })
-        .run(reconcile_claim, error_policy, Arc::clone(&ctx))
-        .for_each(|_| async {});
-    let releases = Controller::new(Api::<PersistentVolume>::all(client.clone()), watcher::Config::default())
-        .watches(Api::<Volume>::all(client), watcher::Config::default(), |volume: Volume| {
-            Some(ObjectRef::<PersistentVolume>::new(&volume.name_any()))
-        })
-        .run(reconcile_volume_release, error_policy, ctx)
-        .for_each(|_| async {});
-    futures::join!(claims, releases);
+    let feeds = async {
+        futures::join!(
+            cache::feed(Api::all(client.clone()), writers.classes, cache::strip_managed_fields),
+            cache::feed(Api::all(client.clone()), writers.capacities, cache::keep_all),
+            cache::feed(Api::all(client.clone()), writers.nodes, cache::strip_node),
+        );
+    };
+    // Volumes and PVs are cached by the streams that trigger the reconcilers, so a reconcile
+    // woken by a change reads that change from the cache.
+    let volumes = cache::reflect(Api::<Volume>::all(client.clone()), writers.volumes, cache::strip_managed_fields);
+    let pvs = cache::reflect(Api::<PersistentVolume>::all(client.clone()), writers.pvs, cache::strip_managed_fields);
+    let reconcilers = async {
+        ctx.caches.wait_until_ready().await;
+        tracing::info!("caches filled; reconciling claims");
+        let claims = Controller::new(Api::<PersistentVolumeClaim>::all(client.clone()), watcher::Config::default())
+            .with_config(controller::Config::default().concurrency(CLAIMS_AT_ONCE))
+            .watches_stream(volumes, |volume: Volume| {
+                volume.spec.claim_ref.map(|c| ObjectRef::new(&c.name).within(&c.namespace))
+            })
+            .run(reconcile_claim, error_policy, Arc::clone(&ctx))
+            .for_each(|_| async {});
+        let releases = Controller::for_stream(pvs, ctx.caches.pvs.clone())
+            .watches(Api::<Volume>::all(client.clone()), watcher::Config::default(), |volume: Volume| {
+                Some(ObjectRef::<PersistentVolume>::new(&volume.name_any()))
+            })
+            .run(reconcile_volume_release, error_policy, Arc::clone(&ctx))
+            .for_each(|_| async {});
+        futures::join!(claims, releases);
+    };
+    futures::join!(feeds, reconcilers);
 }
 
 #[cfg(test)]

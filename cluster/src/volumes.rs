@@ -47,6 +47,13 @@ pub async fn ensure(client: &kube::Client, name: &str, spec: VolumeSpec) -> kube
     if let Some(existing) = volumes.get_opt(name).await? {
         return Ok((existing, false));
     }
+    create(client, name, spec).await
+}
+
+/// Creates the Volume named `name`, or reads the one that exists (409); returns it and whether
+/// this call made it. For callers that looked in a cache first: one write, no read, when new.
+pub async fn create(client: &kube::Client, name: &str, spec: VolumeSpec) -> kube::Result<(Volume, bool)> {
+    let volumes = api(client);
     match volumes.create(&PostParams::default(), &new_volume(name, spec)).await {
         Ok(created) => Ok((created, true)),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok((volumes.get(name).await?, false)),

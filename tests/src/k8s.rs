@@ -338,12 +338,17 @@ impl ControlPlane {
     /// test has exactly the RBAC deploy/ grants it.
     pub fn kubeconfig_as_service_account(&self, namespace: &str, name: &str) -> PathBuf {
         let text = std::fs::read_to_string(&self.kubeconfig).expect("admin kubeconfig");
-        let impersonating = text.replace(
-            "    client-key:",
-            &format!(
-                "    as: system:serviceaccount:{namespace}:{name}\n    as-groups:\n    - system:serviceaccounts\n                     - system:serviceaccounts:{namespace}\n    - system:authenticated\n    client-key:"
-            ),
-        );
+        // The groups a real service-account token carries: API Priority and Fairness classifies
+        // by them (service accounts → workload-low), as RBAC may.
+        let identity = [
+            format!("    as: system:serviceaccount:{namespace}:{name}"),
+            "    as-groups:".to_owned(),
+            "    - system:serviceaccounts".to_owned(),
+            format!("    - system:serviceaccounts:{namespace}"),
+            "    - system:authenticated".to_owned(),
+            "    client-key:".to_owned(),
+        ];
+        let impersonating = text.replace("    client-key:", &identity.join("\n"));
         let path = self.dir.path().join(format!("{name}.kubeconfig"));
         std::fs::write(&path, impersonating).expect("write kubeconfig");
         path
@@ -434,10 +439,12 @@ impl ControlPlane {
     }
 }
 
-/// When a test fails and `PLINTH_TEST_LOGS` names a directory, copies the `*.log` files of `dir`
-/// there (into a subdirectory named after `dir`), so the processes' logs outlive the temp dirs.
+/// When a test fails (or `PLINTH_TEST_KEEP_LOGS` is set, for benchmarks) and `PLINTH_TEST_LOGS`
+/// names a directory, copies the `*.log` files of `dir` there (into a subdirectory named after
+/// `dir`), so the processes' logs outlive the temp dirs.
 pub fn keep_logs_on_failure(dir: &Path) {
-    let Some(into) = std::env::var_os("PLINTH_TEST_LOGS").filter(|_| std::thread::panicking()) else { return };
+    let keep = std::thread::panicking() || std::env::var_os("PLINTH_TEST_KEEP_LOGS").is_some();
+    let Some(into) = std::env::var_os("PLINTH_TEST_LOGS").filter(|_| keep) else { return };
     let into = PathBuf::from(into).join(dir.file_name().unwrap_or_default());
     if std::fs::create_dir_all(&into).is_err() {
         return;

@@ -498,6 +498,11 @@ async fn bench_bind_100_claims() {
     let client = cluster.client.clone();
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
     const COUNT: usize = 100;
+    // One claim first, so the figures measure binding, not the controller's start-up.
+    claims.create(&PostParams::default(), &claim("warm-up", "plinth-immediate", 8 * MI, None, false)).await.unwrap();
+    wait_for("the warm-up claim to bind", Duration::from_secs(60), || bound_volume(&client, "warm-up")).await;
+    let requests_before = api_requests(&client).await;
+    let cpu_before = cpu_by_program();
     let started = Instant::now();
     // When each step of each claim was first seen: claim → Volume → Volume Ready → PV →
     // claim.spec.volumeName → Bound (the watch's receive time; creationTimestamps are whole seconds).
@@ -564,13 +569,17 @@ async fn bench_bind_100_claims() {
         created_at.insert(name, at);
     }
     let created = started.elapsed();
-    let bound = |seen: &Seen| seen.lock().unwrap().keys().filter(|(step, _)| *step == "Bound").count();
+    let bound = |seen: &Seen| {
+        seen.lock().unwrap().keys().filter(|(step, name)| *step == "Bound" && name.starts_with("bench-")).count()
+    };
     let deadline = Instant::now() + Duration::from_secs(600);
     while bound(&seen) < COUNT {
         let done = bound(&seen);
         assert!(Instant::now() < deadline, "only {done} of {COUNT} claims bound after 10 minutes");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let cpu_after = cpu_by_program();
+    let requests_after = api_requests(&client).await;
     for task in &watching {
         task.abort();
     }
@@ -584,8 +593,11 @@ async fn bench_bind_100_claims() {
         times
     };
     let times = since_creation("Bound");
-    let bound_at: BTreeMap<String, Instant> =
-        seen.iter().filter(|((step, _), _)| *step == "Bound").map(|((_, name), at)| (name.clone(), *at)).collect();
+    let bound_at: BTreeMap<String, Instant> = seen
+        .iter()
+        .filter(|((step, name), _)| *step == "Bound" && name.starts_with("bench-"))
+        .map(|((_, name), at)| (name.clone(), *at))
+        .collect();
     let all_bound = bound_at.values().max().unwrap().duration_since(started);
     let pick = |q: f64| times[((times.len() as f64 * q).ceil() as usize).saturating_sub(1).min(times.len() - 1)];
     println!("\nplinth cluster bench: {COUNT} claims (Immediate, 8 MiB, 3 nodes, 2 controllers), created at once");
@@ -605,6 +617,110 @@ async fn bench_bind_100_claims() {
         "  reference: OpenEBS hostpath LocalPV bound 100 claims in 95 s (openebs/openebs#4050): ratio {:.1}x",
         95.0 / all_bound.as_secs_f64()
     );
+    println!("  CPU used while binding (2 cores), by program:");
+    let mut used: Vec<(String, f64)> = cpu_after
+        .iter()
+        .map(|(program, after)| (program.clone(), after - cpu_before.get(program).copied().unwrap_or(0.0)))
+        .filter(|(_, seconds)| *seconds >= 0.05)
+        .collect();
+    used.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (program, seconds) in used {
+        println!("    {program:<28} {seconds:>6.2} s");
+    }
+    println!("  API requests while binding, by verb and resource (all clients):");
+    let mut requests: Vec<(String, f64)> = requests_after
+        .iter()
+        .map(|(key, after)| (key.clone(), after - requests_before.get(key).copied().unwrap_or(0.0)))
+        .filter(|(_, count)| *count >= 1.0)
+        .collect();
+    requests.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (key, count) in requests.iter().take(14) {
+        println!("    {key:<44} {count:>6.0}");
+    }
+    // Where the API server queued requests (API Priority and Fairness), since it started.
+    let metrics = client
+        .request_text(http::Request::get("/metrics").body(Vec::new()).unwrap())
+        .await
+        .expect("the API server's metrics");
+    println!("  API server queueing (priority level: requests, mean wait in queue):");
+    for (level, (sum, count)) in apf_waits(&metrics) {
+        println!("    {level:<16} {count:>6}  {:>8.1} ms", sum / count.max(1.0) * 1000.0);
+    }
+}
+
+/// The API server's request counters: "verb resource[/subresource]" → requests so far.
+async fn api_requests(client: &Client) -> BTreeMap<String, f64> {
+    let metrics = client.request_text(http::Request::get("/metrics").body(Vec::new()).unwrap()).await.unwrap();
+    let mut counts = BTreeMap::new();
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_request_total{") else { continue };
+        let Some((labels, value)) = rest.rsplit_once("} ") else { continue };
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|l| l.strip_prefix(&format!("{name}=\"")))
+                .map(|v| v.trim_end_matches('"').to_owned())
+                .unwrap_or_default()
+        };
+        if label("verb") == "WATCH" {
+            continue;
+        }
+        let subresource = label("subresource");
+        let resource =
+            if subresource.is_empty() { label("resource") } else { format!("{}/{subresource}", label("resource")) };
+        *counts.entry(format!("{} {resource}", label("verb"))).or_insert(0.0) += value.trim().parse().unwrap_or(0.0);
+    }
+    counts
+}
+
+/// CPU seconds (user + system) used so far by each program running here, summed over its
+/// processes: `plinth <subcommand>` for plinth, the executable's name otherwise.
+fn cpu_by_program() -> BTreeMap<String, f64> {
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let mut used = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        // Fields after the parenthesised name: state is the 3rd field, utime the 14th, stime the 15th.
+        let Some((_, fields)) = stat.rsplit_once(") ") else { continue };
+        let fields: Vec<&str> = fields.split(' ').collect();
+        let (Some(utime), Some(stime)) = (fields.get(11), fields.get(12)) else { continue };
+        let seconds = (utime.parse::<f64>().unwrap_or(0.0) + stime.parse::<f64>().unwrap_or(0.0)) / ticks;
+        let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let Some(program) = args.first().and_then(|a| a.rsplit('/').next()).filter(|p| !p.is_empty()) else {
+            continue;
+        };
+        let program = if program == "plinth" {
+            let subcommand = args.iter().skip(1).find(|a| ["controller", "node"].contains(&a.as_str()));
+            format!("plinth {}", subcommand.map_or("", String::as_str))
+        } else {
+            program.to_owned()
+        };
+        *used.entry(program).or_insert(0.0) += seconds;
+    }
+    used
+}
+
+/// Per priority level: (seconds waited in queues, requests), from the API server's metrics.
+fn apf_waits(metrics: &str) -> BTreeMap<String, (f64, f64)> {
+    let mut waits: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_flowcontrol_request_wait_duration_seconds_") else { continue };
+        let (is_sum, rest) = match rest.strip_prefix("sum{") {
+            Some(rest) => (true, rest),
+            None => match rest.strip_prefix("count{") {
+                Some(rest) => (false, rest),
+                None => continue,
+            },
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else { continue };
+        let Some(level) = labels.split(',').find_map(|l| l.strip_prefix("priority_level=\"")) else { continue };
+        let level = level.trim_end_matches('"').to_owned();
+        let value: f64 = value.trim().parse().unwrap_or(0.0);
+        let entry = waits.entry(level).or_default();
+        if is_sum { entry.0 += value } else { entry.1 += value }
+    }
+    waits
 }
 
 /// The standard external-provisioner/resizer sidecars talk CSI to the controller; the same

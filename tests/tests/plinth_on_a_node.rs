@@ -470,6 +470,8 @@ async fn bench_pod_with_new_claim() {
     cluster.create_pod("warm", "warm", "sleep 3600", json!({})).await;
     cluster.running("warm").await;
     cluster.delete_pod("warm").await;
+    // Gone with the first class's claims (the wait below wants no claim left).
+    cluster.claims().delete("warm", &DeleteParams::default()).await.unwrap();
 
     println!("plinth node bench: pod with a new claim, create → Running, {PODS} pods per class, one at a time");
     println!(
