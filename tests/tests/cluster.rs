@@ -618,23 +618,11 @@ async fn bench_bind_100_claims() {
         95.0 / all_bound.as_secs_f64()
     );
     println!("  CPU used while binding (2 cores), by program:");
-    let mut used: Vec<(String, f64)> = cpu_after
-        .iter()
-        .map(|(program, after)| (program.clone(), after - cpu_before.get(program).copied().unwrap_or(0.0)))
-        .filter(|(_, seconds)| *seconds >= 0.05)
-        .collect();
-    used.sort_by(|a, b| b.1.total_cmp(&a.1));
-    for (program, seconds) in used {
+    for (program, seconds) in growth(&cpu_before, &cpu_after, 0.05) {
         println!("    {program:<28} {seconds:>6.2} s");
     }
     println!("  API requests while binding, by verb and resource (all clients):");
-    let mut requests: Vec<(String, f64)> = requests_after
-        .iter()
-        .map(|(key, after)| (key.clone(), after - requests_before.get(key).copied().unwrap_or(0.0)))
-        .filter(|(_, count)| *count >= 1.0)
-        .collect();
-    requests.sort_by(|a, b| b.1.total_cmp(&a.1));
-    for (key, count) in requests.iter().take(14) {
+    for (key, count) in growth(&requests_before, &requests_after, 1.0).into_iter().take(14) {
         println!("    {key:<44} {count:>6.0}");
     }
     // Where the API server queued requests (API Priority and Fairness), since it started.
@@ -646,6 +634,17 @@ async fn bench_bind_100_claims() {
     for (level, (sum, count)) in apf_waits(&metrics) {
         println!("    {level:<16} {count:>6}  {:>8.1} ms", sum / count.max(1.0) * 1000.0);
     }
+}
+
+/// How much each counter grew between two readings, largest first, leaving out growths below `least`.
+fn growth(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, least: f64) -> Vec<(String, f64)> {
+    let mut grown: Vec<(String, f64)> = after
+        .iter()
+        .map(|(key, after)| (key.clone(), after - before.get(key).copied().unwrap_or(0.0)))
+        .filter(|(_, grew)| *grew >= least)
+        .collect();
+    grown.sort_by(|a, b| b.1.total_cmp(&a.1));
+    grown
 }
 
 /// The API server's request counters: "verb resource[/subresource]" → requests so far.
