@@ -390,8 +390,7 @@ async fn volume_spec(
     let block = claim.spec.as_ref().and_then(|s| s.volume_mode.as_deref()) == Some("Block");
     Ok(Ok(VolumeSpec {
         node,
-        // A copy is at least as large as its source.
-        size_bytes: bytes.max(source.as_ref().map_or(0, |s| s.size_bytes)),
+        size_bytes: volume_bytes(bytes, source.as_ref()),
         volume_mode: if block { VolumeMode::Block } else { VolumeMode::Filesystem },
         fs_type: (!block).then(|| parameters.fs_type.unwrap_or(FsType::Ext4)),
         provisioning,
@@ -403,6 +402,11 @@ async fn volume_spec(
         }),
         content_source: source.map(|s| s.content),
     }))
+}
+
+/// The size of the claim's Volume: what it asks for, and for a copy at least its source's size.
+fn volume_bytes(requested: i64, source: Option<&Source>) -> i64 {
+    requested.max(source.map_or(0, |s| s.size_bytes))
 }
 
 async fn reconcile_claim_inner(claim: &PersistentVolumeClaim, ctx: &Context) -> Result<Action> {
@@ -435,7 +439,7 @@ async fn reconcile_claim_inner(claim: &PersistentVolumeClaim, ctx: &Context) -> 
                 Placement::On { node, source } => (node, source),
                 Placement::Wait(action) => return Ok(action),
             };
-            let placed = ctx.caches.place(&name, &node, bytes.max(source.as_ref().map_or(0, |s| s.size_bytes)));
+            let placed = ctx.caches.place(&name, &node, volume_bytes(bytes, source.as_ref()));
             let described = source.as_ref().map(|s| format!(" from {}", s.describe)).unwrap_or_default();
             let spec = match volume_spec(ctx, claim, &class, node.clone(), bytes, source).await? {
                 Ok(spec) => spec,
