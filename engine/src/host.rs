@@ -97,6 +97,8 @@ pub trait Host: Send + Sync + std::fmt::Debug {
     /// Grows a mounted filesystem to fill its device.
     fn grow_filesystem(&self, device: &Path, mount_point: &Path, fs: FsType) -> HostResult<()>;
     fn freeze(&self, mount_point: &Path) -> HostResult<Box<dyn FrozenFs>>;
+    /// Writes back the mounted filesystem's dirty data and commits its journal (syncfs(2)).
+    fn sync_filesystem(&self, mount_point: &Path) -> HostResult<()>;
     /// Thaws a filesystem a dead process left frozen; whether it was frozen.
     fn thaw(&self, mount_point: &Path) -> HostResult<bool>;
     fn statfs(&self, path: &Path) -> HostResult<FsUsage>;
@@ -174,6 +176,13 @@ impl Host for SystemHost {
     }
     fn freeze(&self, mount_point: &Path) -> HostResult<Box<dyn FrozenFs>> {
         Ok(Box::new(crate::sys::freeze::freeze(mount_point)?))
+    }
+    fn sync_filesystem(&self, mount_point: &Path) -> HostResult<()> {
+        crate::sys::freeze::sync(mount_point).map_err(|source| HostError::Io {
+            what: "syncfs",
+            path: mount_point.to_owned(),
+            source,
+        })
     }
     fn thaw(&self, mount_point: &Path) -> HostResult<bool> {
         Ok(crate::sys::freeze::thaw(mount_point)?)

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Context, Error, Result};
 use crate::ids::{SnapshotId, VolumeId};
 use crate::model::{Provisioning, VolumeRecord};
-use crate::sys::copy::{self, CopyMethod};
+use crate::sys::copy::{self, CopyMethod, Copying};
 use crate::sys::statfs::FsUsage;
 
 const PARTIAL_SUFFIX: &str = ".img.partial";
@@ -31,6 +31,8 @@ pub struct Pool {
     dir: PathBuf,
     /// Optional operator-set ceiling on the sum of volume sizes.
     capacity_limit: Option<u64>,
+    /// Whether the pool's filesystem reflinks: copies are then atomic and O(1).
+    shares_blocks: bool,
 }
 
 /// Capacity figures for GetCapacity and `plinth status`.
@@ -78,7 +80,8 @@ impl Pool {
                 }
             }
         }
-        Ok(Self { dir, capacity_limit })
+        let shares_blocks = copy::shares_blocks(&dir);
+        Ok(Self { dir, capacity_limit, shares_blocks })
     }
 
     /// Snapshot images live inside the pool so reflinks (same filesystem only) are possible.
@@ -86,12 +89,17 @@ impl Pool {
         self.dir.join(SNAPSHOT_DIR).join(format!("{id}.img"))
     }
 
+    /// Whether copies in this pool are reflinks (xfs with reflink, btrfs).
+    pub fn shares_blocks(&self) -> bool {
+        self.shares_blocks
+    }
+
     /// Copies `source` into a new snapshot image (reflink when possible), complete or not at all.
-    pub fn copy_to_snapshot(&self, source: &Path, id: &SnapshotId) -> Result<CopyMethod> {
+    pub fn copy_to_snapshot(&self, source: &Path, id: &SnapshotId, copying: Copying) -> Result<CopyMethod> {
         let partial = self.dir.join(SNAPSHOT_DIR).join(format!("{id}{PARTIAL_SUFFIX}"));
         let _ = std::fs::remove_file(&partial);
         let result = (|| -> Result<CopyMethod> {
-            let method = copy::copy_image(source, &partial).context(|| format!("snapshotting into {id}"))?;
+            let method = copy::copy_image(source, &partial, copying).context(|| format!("snapshotting into {id}"))?;
             std::fs::rename(&partial, self.snapshot_path(id)).context(|| format!("publishing snapshot {id}"))?;
             sync_dir(&self.dir.join(SNAPSHOT_DIR))?;
             Ok(method)
@@ -115,11 +123,12 @@ impl Pool {
         id: &VolumeId,
         size: u64,
         provisioning: Provisioning,
+        copying: Copying,
     ) -> Result<CopyMethod> {
         let partial = self.dir.join(format!("{id}{PARTIAL_SUFFIX}"));
         let _ = std::fs::remove_file(&partial);
         let result = (|| -> Result<CopyMethod> {
-            let method = copy::copy_image(source, &partial).context(|| format!("copying data into {id}"))?;
+            let method = copy::copy_image(source, &partial, copying).context(|| format!("copying data into {id}"))?;
             crate::failpoint::check("pool.copy_written")?;
             let file =
                 OpenOptions::new().write(true).open(&partial).context(|| format!("opening {}", partial.display()))?;

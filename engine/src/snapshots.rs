@@ -11,6 +11,27 @@ use crate::host::FrozenFs;
 use crate::ids::{GroupSnapshotId, SnapshotId, VolumeId};
 use crate::model::{GroupSnapshotRecord, SnapshotRecord, VolumeRecord};
 use crate::store::Phase;
+use crate::sys::copy::Copying;
+
+/// A volume held still while its image is copied; released (thawed) on drop.
+#[derive(Debug)]
+pub(crate) enum Still {
+    /// Not mounted writable here: nothing writes to its image.
+    Idle,
+    /// Mounted and flushed, still written to: only an atomic reflink may copy it.
+    Flushed,
+    /// Frozen until dropped (the guard thaws).
+    Frozen { _thaws_on_drop: Box<dyn FrozenFs> },
+}
+
+impl Still {
+    pub(crate) fn copying(&self) -> Copying {
+        match self {
+            Still::Flushed => Copying::ReflinkOnly,
+            Still::Idle | Still::Frozen { .. } => Copying::ReflinkOrCopy,
+        }
+    }
+}
 
 fn now_precise() -> (i64, i32) {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -25,18 +46,44 @@ fn require(what: &str, value: &str) -> Result<()> {
 }
 
 impl Engine {
-    /// Freezes the volume's filesystem while the returned guard lives, if it is mounted here.
-    pub(crate) fn freeze_if_mounted(&self, record: &VolumeRecord) -> Result<Option<Box<dyn FrozenFs>>> {
+    /// The staging mount of `record`'s filesystem, if it is mounted writable here.
+    fn writable_mount<'r>(&self, record: &'r VolumeRecord) -> Result<Option<&'r std::path::Path>> {
         let Some(staged) = record.staged.as_ref().filter(|s| s.filesystem_mounted && !s.read_only) else {
             return Ok(None);
         };
         let table = self.host.mount_table().map_err(|e| Error::internal("reading the mount table", e))?;
-        if !table.top_mount_at(&staged.staging_path).is_some_and(|m| m.is_from(&staged.device)) {
-            return Ok(None);
+        let mounted = table.top_mount_at(&staged.staging_path).is_some_and(|m| m.is_from(&staged.device));
+        Ok(mounted.then_some(staged.staging_path.as_path()))
+    }
+
+    /// Holds one volume still for a copy of its image. On a pool that reflinks, the copy is a
+    /// clone that waits for the loop device's in-flight direct I/O and holds off new writes
+    /// until done, so it is one instant of the device, as a crash would leave it; flushing the
+    /// filesystem first puts everything written before the request into that instant. A freeze
+    /// would add nothing but its cost (an ext4 freeze checkpoints the whole journal: tens of
+    /// milliseconds). A copying pool reads the image for seconds: the filesystem stays frozen.
+    pub(crate) fn hold_still(&self, record: &VolumeRecord) -> Result<Still> {
+        let Some(staging) = self.writable_mount(record)? else { return Ok(Still::Idle) };
+        if !self.pool.shares_blocks() {
+            return self.freeze(record, staging);
         }
+        self.host.sync_filesystem(staging).map_err(|e| Error::internal(format!("flushing {}", record.id), e))?;
+        Ok(Still::Flushed)
+    }
+
+    /// Freezes the volume's filesystem while the returned guard lives, if it is mounted here:
+    /// members of a group are copied one after another and must all show the same instant.
+    pub(crate) fn freeze_if_mounted(&self, record: &VolumeRecord) -> Result<Still> {
+        match self.writable_mount(record)? {
+            Some(staging) => self.freeze(record, staging),
+            None => Ok(Still::Idle),
+        }
+    }
+
+    fn freeze(&self, record: &VolumeRecord, staging: &std::path::Path) -> Result<Still> {
         self.host
-            .freeze(&staged.staging_path)
-            .map(Some)
+            .freeze(staging)
+            .map(|guard| Still::Frozen { _thaws_on_drop: guard })
             .map_err(|e| Error::internal(format!("quiescing {}", record.id), e))
     }
 
@@ -48,6 +95,7 @@ impl Engine {
         name: &str,
         volume: &VolumeRecord,
         group: Option<&GroupSnapshotId>,
+        copying: Copying,
     ) -> Result<SnapshotRecord> {
         if !self.pool.image_exists(&volume.id) {
             return Err(Error::FailedPrecondition(format!("the image of volume {} is missing", volume.id)));
@@ -70,7 +118,7 @@ impl Engine {
         self.snapshots.save(&record)?;
         let taken = (|| -> Result<()> {
             failpoint::check("snapshot.intent_saved")?;
-            let method = self.pool.copy_to_snapshot(&self.pool.image_path(&volume.id), id)?;
+            let method = self.pool.copy_to_snapshot(&self.pool.image_path(&volume.id), id, copying)?;
             failpoint::check("snapshot.copied")?;
             record.copy_method = method.as_str().to_owned();
             record.phase = Phase::Ready;
@@ -118,9 +166,11 @@ impl Engine {
         let (volume_id, _) = self.source_volume(source_volume_id)?;
         let _volume_guard = self.locks.try_lock(volume_id.as_str())?;
         let (_, volume) = self.source_volume(source_volume_id)?;
-        let frozen = self.freeze_if_mounted(&volume)?;
-        let result = failpoint::check("snapshot.frozen").and_then(|()| self.take_snapshot(&id, name, &volume, None));
-        drop(frozen);
+        let still = self.hold_still(&volume)?;
+        let copying = still.copying();
+        let result =
+            failpoint::check("snapshot.frozen").and_then(|()| self.take_snapshot(&id, name, &volume, None, copying));
+        drop(still);
         result
     }
 
@@ -229,8 +279,10 @@ impl Engine {
         };
         let mut taken = Vec::new();
         for (volume, snapshot_id) in volumes.iter().zip(group.snapshot_ids.clone()) {
-            let step = failpoint::check("group.member")
-                .and_then(|()| self.take_snapshot(&snapshot_id, &format!("{name}-{}", volume.id), volume, Some(&id)));
+            let step = failpoint::check("group.member").and_then(|()| {
+                let member = format!("{name}-{}", volume.id);
+                self.take_snapshot(&snapshot_id, &member, volume, Some(&id), Copying::ReflinkOrCopy)
+            });
             match step {
                 Ok(record) => taken.push(record),
                 Err(err) => {

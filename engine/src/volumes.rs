@@ -12,6 +12,7 @@ use crate::mkfsopts;
 use crate::model::{ContentSource, FsType, Layout, MutableParameters, Provisioning, VolumeParameters, VolumeRecord};
 use crate::pool::Capacity;
 use crate::size::{MIB, resolve_capacity};
+use crate::snapshots::Still;
 use crate::store::Phase;
 
 const MAX_NAME_LEN: usize = 1024;
@@ -165,16 +166,17 @@ impl Engine {
             Some(interrupted) => self.undo_volume(&interrupted.id)?,
             None => {}
         }
-        let frozen = match (&source, &request.content_source) {
+        let still = match (&source, &request.content_source) {
             (Some(_), Some(SourceRequest::Volume(raw))) => {
                 let record = self.store.load(&VolumeId::parse(raw).expect("looked up above"))?;
                 match record {
-                    Some(record) => self.freeze_if_mounted(&record)?,
-                    None => None,
+                    Some(record) => self.hold_still(&record)?,
+                    None => Still::Idle,
                 }
             }
-            _ => None,
+            _ => Still::Idle,
         };
+        let copying = still.copying();
         let reservation = self.reserve(size, || format!("volume {}", request.name))?;
         let mut record = VolumeRecord {
             id: id.clone(),
@@ -202,7 +204,7 @@ impl Engine {
             match &source {
                 None => self.pool.create_image(&id, size, provisioning)?,
                 Some(source) => {
-                    let method = self.pool.create_image_from(&source.image, &id, size, provisioning)?;
+                    let method = self.pool.create_image_from(&source.image, &id, size, provisioning, copying)?;
                     tracing::info!(volume_id = %id, method = method.as_str(), "volume data copied from its source");
                 }
             }
@@ -210,7 +212,7 @@ impl Engine {
             record.phase = Phase::Ready;
             self.store.save(&record)
         })();
-        drop(frozen);
+        drop(still);
         if let Err(err) = made {
             let _ = self.undo_volume(&id);
             return Err(self.pool_full_or(err));

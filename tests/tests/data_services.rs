@@ -373,6 +373,89 @@ async fn snapshots_reflink_on_xfs_pools_and_copy_sparsely_elsewhere() {
     }
 }
 
+/// One 4 KiB record of the busy writer below: its index, then a fill derived from it.
+fn record_bytes(index: u64) -> Vec<u8> {
+    let mut record = vec![(index % 251) as u8; 4096];
+    record[..8].copy_from_slice(&index.to_le_bytes());
+    record
+}
+
+/// How many records `path` holds, checking every one is whole and in order.
+fn whole_records(path: &Path) -> u64 {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(bytes.len() % 4096, 0, "a torn record: {} bytes", bytes.len());
+    for (index, record) in bytes.chunks(4096).enumerate() {
+        assert!(record == record_bytes(index as u64).as_slice(), "record {index} is not what was written");
+    }
+    (bytes.len() / 4096) as u64
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (loop devices, mounts): tests/run-all.sh runs it"]
+async fn reflink_copies_of_a_busy_volume_hold_every_write_made_before_them() {
+    // On a reflink pool a mounted source is flushed, not frozen: the clone itself must be one
+    // instant of the device. A writer appends and fsyncs records throughout; every copy must
+    // mount (journal replayed), hold every record acknowledged before it was asked for, whole,
+    // and a file written without fsync just before it.
+    require_root!();
+    for fs in ["ext4", "xfs"] {
+        let sandbox = Sandbox::new();
+        let data_dir = make_pool_filesystem(&sandbox, "xfs").join("plinth");
+        let plinth = Plinth::start_with_data_dir(&sandbox, &data_dir, &[]);
+        let mut c = plinth.clients().await;
+        let size = if fs == "xfs" { 320 * MIB } else { 128 * MIB };
+        let volume = create(&mut c, create_request(&format!("busy-{fs}"), size, mount_cap(fs))).await;
+        let m = mount(&mut c, &sandbox, &volume.volume_id, fs).await;
+        let (stop, acked) = (Arc::new(AtomicBool::new(false)), Arc::new(std::sync::atomic::AtomicU64::new(0)));
+        let writer = {
+            let (stop, acked, path) = (Arc::clone(&stop), Arc::clone(&acked), m.target.join("log"));
+            std::thread::spawn(move || {
+                let mut file = std::fs::File::create(path).unwrap();
+                let mut index = 0;
+                while !stop.load(Ordering::SeqCst) && index < 8_000 {
+                    file.write_all(&record_bytes(index)).unwrap();
+                    file.sync_data().unwrap();
+                    index += 1;
+                    acked.store(index, Ordering::SeqCst);
+                }
+            })
+        };
+        for round in 0..4u64 {
+            while acked.load(Ordering::SeqCst) < 50 * (round + 1) {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            let note = format!("unsynced-{round}");
+            std::fs::write(m.target.join(&note), note.as_bytes()).unwrap();
+            let before = acked.load(Ordering::SeqCst);
+            let name = format!("copy-{fs}-{round}");
+            let copy = if round % 2 == 0 {
+                let snap = snapshot(&mut c, &name, &volume.volume_id).await;
+                let record = snapshot_record_in(&data_dir, &snap.snapshot_id);
+                assert_eq!(record["copy_method"], "reflink");
+                create(&mut c, from_snapshot(&format!("{name}-restored"), size, fs, &snap.snapshot_id)).await
+            } else {
+                create(&mut c, from_volume(&name, size, fs, &volume.volume_id)).await
+            };
+            // Checked while the writer goes on: the copy is independent of its source.
+            let r = mount(&mut c, &sandbox, &copy.volume_id, fs).await;
+            let held = whole_records(&r.target.join("log"));
+            assert!(held >= before, "{fs}: {held} records, but {before} were acknowledged before the copy");
+            assert_eq!(std::fs::read_to_string(r.target.join(&note)).unwrap(), note, "{fs}: unsynced data flushed");
+            unmount(&mut c, &r).await;
+            c.controller
+                .delete_volume(csi::DeleteVolumeRequest { volume_id: copy.volume_id, ..Default::default() })
+                .await
+                .expect("delete the copy");
+        }
+        assert!(!writer.is_finished(), "{fs}: the writer ran throughout");
+        stop.store(true, Ordering::SeqCst);
+        writer.join().unwrap();
+        unmount(&mut c, &m).await;
+        drop(c);
+        drop(plinth);
+    }
+}
+
 fn snapshot_record_in(data_dir: &Path, id: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(data_dir.join("snapshots").join(format!("{id}.json"))).unwrap();
     serde_json::from_str(&text).unwrap()

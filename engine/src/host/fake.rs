@@ -33,6 +33,7 @@ pub enum Call {
     GrowUnmountedExt4(PathBuf),
     GrowFilesystem { device: PathBuf, mount_point: PathBuf },
     Freeze(PathBuf),
+    SyncFilesystem(PathBuf),
     Thaw(PathBuf),
 }
 
@@ -52,6 +53,7 @@ pub enum Op {
     GrowUnmountedExt4,
     GrowFilesystem,
     Freeze,
+    SyncFilesystem,
     Statfs,
 }
 
@@ -486,6 +488,15 @@ impl Host for FakeHost {
             return Err(injected(Op::GrowFilesystem));
         }
         grow(&mut state, device)
+    }
+
+    fn sync_filesystem(&self, mount_point: &Path) -> HostResult<()> {
+        let mut state = self.state();
+        state.calls.push(Call::SyncFilesystem(mount_point.to_owned()));
+        if state.fails(Op::SyncFilesystem) {
+            return Err(injected(Op::SyncFilesystem));
+        }
+        Ok(())
     }
 
     fn freeze(&self, mount_point: &Path) -> HostResult<Box<dyn FrozenFs>> {

@@ -691,26 +691,47 @@ fn a_staged_volume_cannot_be_deleted_and_an_attached_one_neither() {
 }
 
 #[test]
-fn snapshots_freeze_a_mounted_writable_source_and_always_thaw() {
+fn snapshots_hold_a_mounted_writable_source_still_and_always_thaw() {
     let node = Node::new();
     let volume = node.create("v", Some(FsType::Ext4));
     node.stage(&volume.id, &fs_cap()).unwrap();
+    // The test's pool is wherever the temp dir is: a reflink pool flushes, any other freezes.
+    let reflinks = crate::sys::copy::shares_blocks(node.image(&volume.id).parent().unwrap());
     node.engine.create_snapshot("snap", volume.id.as_str()).unwrap();
     let calls = node.host.calls();
-    let freeze = calls.iter().position(|c| *c == Call::Freeze(node.path("staging"))).expect("frozen");
-    let thaw = calls.iter().position(|c| *c == Call::Thaw(node.path("staging"))).expect("thawed");
-    assert!(freeze < thaw);
+    let staging = node.path("staging");
+    if reflinks {
+        assert!(calls.contains(&Call::SyncFilesystem(staging.clone())), "flushed before the reflink");
+        assert_eq!(node.count(|c| matches!(c, Call::Freeze(_))), 0, "a reflink needs no freeze");
+    } else {
+        let freeze = calls.iter().position(|c| *c == Call::Freeze(staging.clone())).expect("frozen");
+        let thaw = calls.iter().position(|c| *c == Call::Thaw(staging.clone())).expect("thawed");
+        assert!(freeze < thaw);
+        assert_eq!(node.count(|c| matches!(c, Call::SyncFilesystem(_))), 0);
+    }
     assert!(node.host.frozen().is_empty());
 
-    node.host.fail(Op::Freeze, 1);
+    node.host.fail(if reflinks { Op::SyncFilesystem } else { Op::Freeze }, 1);
     assert!(node.engine.create_snapshot("snap2", volume.id.as_str()).is_err());
     assert!(node.engine.snapshot(crate::ids::SnapshotId::for_name("snap2").as_str()).is_err(), "nothing recorded");
 
-    // Unmounted (after a reboot): nothing to freeze.
+    // Unmounted (after a reboot): nothing to hold still.
     node.host.reboot();
     node.host.clear_calls();
     node.engine.create_snapshot("snap3", volume.id.as_str()).unwrap();
-    assert_eq!(node.count(|c| matches!(c, Call::Freeze(_))), 0);
+    assert_eq!(node.count(|c| matches!(c, Call::Freeze(_) | Call::SyncFilesystem(_))), 0);
+}
+
+#[test]
+fn group_snapshots_freeze_their_mounted_members_even_on_a_reflink_pool() {
+    let node = Node::new();
+    let a = node.create("a", Some(FsType::Ext4));
+    let b = node.create("b", Some(FsType::Ext4));
+    node.stage(&a.id, &fs_cap()).unwrap();
+    node.engine.create_group_snapshot("g", &[a.id.as_str().to_owned(), b.id.as_str().to_owned()]).unwrap();
+    assert_eq!(node.count(|c| matches!(c, Call::Freeze(_))), 1, "the mounted member, frozen");
+    assert_eq!(node.count(|c| matches!(c, Call::SyncFilesystem(_))), 0);
+    assert!(node.host.frozen().is_empty());
 }
 
 #[test]

@@ -86,8 +86,18 @@ fn sparse_copy(src: &File, dst: &File, len: u64) -> std::io::Result<()> {
     dst.set_len(len)
 }
 
+/// What a copy may do when the filesystem cannot share blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copying {
+    /// Only an atomic reflink: the source is live, and a copy that reads it for seconds would
+    /// be torn by writes landing during the read.
+    ReflinkOnly,
+    /// A reflink, else a sparse copy: the source holds still for as long as the copy takes.
+    ReflinkOrCopy,
+}
+
 /// Copies `from` into the new file `to` (which must not exist), durably.
-pub fn copy_image(from: &Path, to: &Path) -> Result<CopyMethod, CopyError> {
+pub fn copy_image(from: &Path, to: &Path, copying: Copying) -> Result<CopyMethod, CopyError> {
     let src = File::open(from).map_err(|source| CopyError::Open { path: from.to_owned(), source })?;
     let dst = OpenOptions::new()
         .write(true)
@@ -97,6 +107,7 @@ pub fn copy_image(from: &Path, to: &Path) -> Result<CopyMethod, CopyError> {
     let wrap = |source| CopyError::Copy { from: from.to_owned(), to: to.to_owned(), source };
     let method = match reflink(&src, &dst) {
         Ok(()) => CopyMethod::Reflink,
+        Err(err) if copying == Copying::ReflinkOnly => return Err(wrap(err)),
         Err(_) => {
             let len = src.metadata().map_err(wrap)?.len();
             sparse_copy(&src, &dst, len).map_err(wrap)?;
@@ -105,6 +116,17 @@ pub fn copy_image(from: &Path, to: &Path) -> Result<CopyMethod, CopyError> {
     };
     dst.sync_all().map_err(wrap)?;
     Ok(method)
+}
+
+/// Whether the filesystem holding `dir` can reflink (xfs with reflink, btrfs): clones one
+/// block between two unnamed files in it.
+pub fn shares_blocks(dir: &Path) -> bool {
+    let probe = || -> std::io::Result<()> {
+        let mut src = tempfile::tempfile_in(dir)?;
+        std::io::Write::write_all(&mut src, &[0x5a; 4096])?;
+        reflink(&src, &tempfile::tempfile_in(dir)?)
+    };
+    probe().is_ok()
 }
 
 #[cfg(test)]
@@ -125,12 +147,19 @@ mod tests {
         src.write_all(b"tail data").unwrap();
         src.sync_all().unwrap();
 
-        copy_image(&src_path, &dst_path).unwrap();
+        copy_image(&src_path, &dst_path, Copying::ReflinkOrCopy).unwrap();
         let (a, b) = (std::fs::read(&src_path).unwrap(), std::fs::read(&dst_path).unwrap());
         assert_eq!(a.len(), b.len());
         assert!(a == b, "contents differ");
         let allocated = std::fs::metadata(&dst_path).unwrap().blocks() * 512;
         assert!(allocated < 4 << 20, "holes stay holes ({allocated} bytes allocated)");
-        assert!(copy_image(&src_path, &dst_path).is_err(), "never overwrites");
+        assert!(copy_image(&src_path, &dst_path, Copying::ReflinkOrCopy).is_err(), "never overwrites");
+        if !shares_blocks(dir.path()) {
+            let live = dir.path().join("live");
+            assert!(
+                copy_image(&src_path, &live, Copying::ReflinkOnly).is_err(),
+                "no reflink, no copy of a live source"
+            );
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! Filesystem freeze (FIFREEZE/FITHAW) for consistent snapshots. The guard always thaws.
+//! Holding a mounted filesystem still for a copy of its device: freeze (FIFREEZE/FITHAW; the
+//! guard always thaws) for copies that take time, a flush (syncfs) before an atomic reflink.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -57,4 +58,10 @@ pub fn thaw(mount_point: &Path) -> Result<bool, FreezeError> {
     let err = std::io::Error::last_os_error();
     // EINVAL: it was not frozen.
     if err.raw_os_error() == Some(libc::EINVAL) { Ok(false) } else { Err(wrap(err)) }
+}
+
+/// Flushes the filesystem mounted at `mount_point`: dirty data written back, journal committed.
+pub fn sync(mount_point: &Path) -> std::io::Result<()> {
+    let dir = File::open(mount_point)?;
+    nix::unistd::syncfs(&dir).map_err(std::io::Error::from)
 }
