@@ -130,7 +130,9 @@ impl Engine {
             .host
             .statfs(self.pool.dir())
             .map_err(|e| Error::internal(format!("statfs {}", self.pool.dir().display()), e))?;
-        Ok(self.pool.capacity(&self.store.list()?, usage))
+        let mut volumes = Vec::new();
+        self.store.for_each_ready(|r| volumes.push((r.id.clone(), r.capacity_bytes)))?;
+        Ok(self.pool.capacity(&volumes, usage))
     }
 
     /// Reports a failure of work that wrote into the pool as RESOURCE_EXHAUSTED when the pool's

@@ -192,6 +192,18 @@ impl<R: Record> Store<R> {
         Ok(self.list_any()?.into_iter().filter(|r| r.phase().is_ready()).collect())
     }
 
+    /// Visits every [`Phase::Ready`] record, ordered by ID, without copying them: capacity
+    /// accounting runs on every create and needs two fields of each, not N clones.
+    pub fn for_each_ready(&self, mut visit: impl FnMut(&R)) -> Result<()> {
+        let mut cache = self.cached();
+        if cache.is_none() {
+            let records = self.read_all()?;
+            *cache = Some(records.into_iter().map(|r| (r.id().as_str().to_owned(), r)).collect());
+        }
+        cache.iter().flat_map(|records| records.values()).filter(|r| r.phase().is_ready()).for_each(&mut visit);
+        Ok(())
+    }
+
     /// Every record whatever its phase, ordered by ID.
     pub fn list_any(&self) -> Result<Vec<R>> {
         let mut cache = self.cached();
@@ -276,7 +288,17 @@ mod tests {
         let from_disk: Store<VolumeRecord> = Store::open(dir.path().join("volumes")).unwrap();
         assert_eq!(store.list().unwrap(), vec![b.clone()], "clones share one cache");
         assert_eq!(from_disk.list().unwrap(), store.list().unwrap(), "what is cached is what is on disk");
-        assert_eq!(store.load(&b.id).unwrap(), Some(b));
+        assert_eq!(store.load(&b.id).unwrap(), Some(b.clone()));
+
+        let mut creating = record("c");
+        creating.phase = Phase::Creating;
+        store.save(&creating).unwrap();
+        let fresh: Store<VolumeRecord> = Store::open(dir.path().join("volumes")).unwrap();
+        for visited_store in [&store, &fresh] {
+            let mut visited = Vec::new();
+            visited_store.for_each_ready(|r| visited.push(r.clone())).unwrap();
+            assert_eq!(visited, vec![b.clone()], "ready records only, cached or read from disk");
+        }
     }
 
     /// Copies the records plinth 0.1 (record schema 1) wrote into `data`.
