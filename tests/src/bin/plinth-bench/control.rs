@@ -41,7 +41,7 @@ pub struct Parallel {
     pub workers: usize,
     pub cycles: usize,
     pub plinth_cycles_per_s: f64,
-    /// Sequential throughput of the same kind: 1 / mean cycle time of the lifecycle run.
+    /// Sequential throughput of the same kind, measured in batches alternating with the parallel ones.
     pub plinth_sequential_cycles_per_s: f64,
     pub raw_cycles_per_s: f64,
     pub raw_sequential_cycles_per_s: f64,
@@ -191,65 +191,117 @@ pub async fn lifecycle(
     Ok(summarise(kind, &plinth, &raw))
 }
 
-/// `workers` clients each running `per_worker` plinth cycles at once, then the same with the raw
-/// chain; throughput in cycles per second of wall time.
+/// Rounds of the parallel measurement; each runs a sequential batch and a parallel batch.
+const PARALLEL_ROUNDS: usize = 5;
+
+/// Runs `cycles` back to back on one worker's paths (plinth, or the raw chain); the wall time.
+async fn sequential_batch(
+    clients: &Clients,
+    kind: Kind,
+    paths: &WorkerPaths,
+    plinth: bool,
+    cycles: usize,
+    tag: &str,
+) -> anyhow::Result<Duration> {
+    let mut clients = clients.clone();
+    let started = Instant::now();
+    for i in 0..cycles {
+        if plinth {
+            let name = format!("sequential-{}-{tag}-{i}", kind.name());
+            plinth_cycle(&mut clients, kind, &name, &paths.plinth_staging, &paths.plinth_target).await?;
+        } else {
+            raw_cycle(kind, &paths.raw).await?;
+        }
+    }
+    Ok(started.elapsed())
+}
+
+/// Every worker runs `per_worker` cycles at once (plinth, or the raw chain); the wall time.
+async fn parallel_batch(
+    clients: &Clients,
+    kind: Kind,
+    all_paths: &[WorkerPaths],
+    plinth: bool,
+    per_worker: usize,
+    tag: &str,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (worker, paths) in all_paths.iter().enumerate() {
+        let mut clients = clients.clone();
+        let (staging, target) = (paths.plinth_staging.clone(), paths.plinth_target.clone());
+        let raw = RawVolume {
+            image: paths.raw.image.clone(),
+            staging: paths.raw.staging.clone(),
+            target: paths.raw.target.clone(),
+        };
+        let tag = tag.to_owned();
+        tasks.spawn(async move {
+            for i in 0..per_worker {
+                if plinth {
+                    let name = format!("parallel-{}-{tag}-{worker}-{i}", kind.name());
+                    plinth_cycle(&mut clients, kind, &name, &staging, &target).await?;
+                } else {
+                    raw_cycle(kind, &raw).await?;
+                }
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(started.elapsed())
+}
+
+/// `workers` clients running plinth cycles at once, against the same cycles one at a time, then
+/// the same for the raw chain; throughput in cycles per second of wall time. Sequential and
+/// parallel batches alternate over several rounds (which goes first alternating too), so both
+/// see the same disk: measured minutes apart, this VM's drift alone moved the ratio from 2.3×
+/// to 3.3×.
 pub async fn parallel(
     clients: &Clients,
     sandbox: &Sandbox,
     kind: Kind,
     workers: usize,
     per_worker: usize,
-    sequential: &Lifecycle,
 ) -> anyhow::Result<Parallel> {
     let mut all_paths = Vec::new();
     for worker in 0..workers {
         // Worker numbers above the sequential run's, so no path is shared with it.
         all_paths.push(worker_paths(sandbox, worker + 1)?);
     }
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for (worker, paths) in all_paths.iter().enumerate() {
-        let mut clients = clients.clone();
-        let (staging, target) = (paths.plinth_staging.clone(), paths.plinth_target.clone());
-        tasks.spawn(async move {
-            for i in 0..per_worker {
-                let name = format!("parallel-{}-{worker}-{i}", kind.name());
-                plinth_cycle(&mut clients, kind, &name, &staging, &target).await?;
+    let sequential_paths = worker_paths(sandbox, workers + 1)?;
+    let per_round = per_worker.div_ceil(PARALLEL_ROUNDS).max(1);
+    // As many sequential cycles per round as one worker's share times two: long enough to
+    // average, short enough to stay next to its parallel batch.
+    let sequential_per_round = 2 * per_round;
+    let mut rates = Vec::new();
+    for plinth in [true, false] {
+        let (mut parallel_time, mut sequential_time) = (Duration::ZERO, Duration::ZERO);
+        for round in 0..PARALLEL_ROUNDS {
+            let tag = format!("r{round}");
+            let parallel_first = round % 2 == 0;
+            for parallel_turn in [parallel_first, !parallel_first] {
+                if parallel_turn {
+                    parallel_time += parallel_batch(clients, kind, &all_paths, plinth, per_round, &tag).await?;
+                } else {
+                    sequential_time +=
+                        sequential_batch(clients, kind, &sequential_paths, plinth, sequential_per_round, &tag).await?;
+                }
             }
-            anyhow::Ok(())
-        });
+        }
+        let parallel_cycles = (PARALLEL_ROUNDS * workers * per_round) as f64;
+        let sequential_cycles = (PARALLEL_ROUNDS * sequential_per_round) as f64;
+        rates.push((parallel_cycles / parallel_time.as_secs_f64(), sequential_cycles / sequential_time.as_secs_f64()));
     }
-    while let Some(done) = tasks.join_next().await {
-        done??;
-    }
-    let plinth_elapsed = started.elapsed();
-    let started = Instant::now();
-    for paths in &all_paths {
-        let volume = RawVolume {
-            image: paths.raw.image.clone(),
-            staging: paths.raw.staging.clone(),
-            target: paths.raw.target.clone(),
-        };
-        tasks.spawn(async move {
-            for _ in 0..per_worker {
-                raw_cycle(kind, &volume).await?;
-            }
-            anyhow::Ok(())
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done??;
-    }
-    let raw_elapsed = started.elapsed();
-    let cycles = workers * per_worker;
-    let mean = |l: &Latency| l.samples_ms.iter().sum::<f64>() / l.samples_ms.len().max(1) as f64;
     Ok(Parallel {
         kind,
         workers,
-        cycles,
-        plinth_cycles_per_s: cycles as f64 / plinth_elapsed.as_secs_f64(),
-        plinth_sequential_cycles_per_s: 1e3 / mean(&sequential.plinth_cycle),
-        raw_cycles_per_s: cycles as f64 / raw_elapsed.as_secs_f64(),
-        raw_sequential_cycles_per_s: 1e3 / mean(&sequential.raw_cycle),
+        cycles: PARALLEL_ROUNDS * workers * per_round,
+        plinth_cycles_per_s: rates[0].0,
+        plinth_sequential_cycles_per_s: rates[0].1,
+        raw_cycles_per_s: rates[1].0,
+        raw_sequential_cycles_per_s: rates[1].1,
     })
 }

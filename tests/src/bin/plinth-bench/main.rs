@@ -246,12 +246,10 @@ async fn control_and_data(plan: &Plan, report: &mut Report) -> anyhow::Result<()
             );
             report.lifecycles.push(lifecycle);
         }
-        let sequential = report.lifecycles.iter().find(|l| l.kind == Kind::Ext4).or(report.lifecycles.first()).cloned();
-        if let Some(sequential) = sequential {
-            eprintln!("control path: {}-way parallel {}", plan.parallel, sequential.kind.name());
-            let parallel =
-                control::parallel(&clients, &sandbox, sequential.kind, plan.parallel, plan.per_worker, &sequential)
-                    .await?;
+        let kind = report.lifecycles.iter().map(|l| l.kind).find(|k| *k == Kind::Ext4).or(plan.kinds.first().copied());
+        if let Some(kind) = kind {
+            eprintln!("control path: {}-way parallel {} against sequential, alternating", plan.parallel, kind.name());
+            let parallel = control::parallel(&clients, &sandbox, kind, plan.parallel, plan.per_worker).await?;
             eprintln!("  {:.1} cycles/s (raw {:.1})", parallel.plinth_cycles_per_s, parallel.raw_cycles_per_s);
             report.parallel = Some(parallel);
         }

@@ -74,12 +74,13 @@ pub struct Scale {
 
 struct Node<'a> {
     sandbox: &'a Sandbox,
+    socket: PathBuf,
     data_dir: PathBuf,
 }
 
 impl Node<'_> {
     fn start(&self) -> Plinth {
-        Plinth::start_at(&self.sandbox.socket(), &self.sandbox.root(), "standalone", &self.data_dir, &[], false)
+        Plinth::start_at(&self.socket, &self.sandbox.root(), "standalone", &self.data_dir, &[], false)
     }
 }
 
@@ -105,17 +106,34 @@ async fn create(clients: &mut Clients, name: &str) -> anyhow::Result<String> {
         .volume_id)
 }
 
-/// CreateVolume latency with the node's volume count held constant (each probe is deleted).
-async fn create_latency(clients: &mut Clients, label: &str, samples: usize) -> anyhow::Result<Latency> {
-    let mut times = Vec::new();
+/// One CreateVolume's latency (ms), with the node's volume count held constant: it is deleted.
+async fn create_once(clients: &mut Clients, name: &str) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let id = create(clients, name).await?;
+    let elapsed = ms(started.elapsed());
+    clients.controller.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() }).await?;
+    Ok(elapsed)
+}
+
+/// CreateVolume latency on two nodes, their creates alternating (ABBA) so that both see the same
+/// disk: this VM's fsync latency drifts by 2× between minutes, more than what is compared.
+async fn create_latency_side_by_side(
+    small: &mut Clients,
+    large: &mut Clients,
+    samples: usize,
+) -> anyhow::Result<(Latency, Latency)> {
+    let (mut on_small, mut on_large) = (Vec::new(), Vec::new());
     for i in 0..samples {
-        let name = format!("probe-{label}-{i}");
-        let started = Instant::now();
-        let id = create(clients, &name).await?;
-        times.push(ms(started.elapsed()));
-        clients.controller.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() }).await?;
+        let small_first = i % 2 == 0;
+        for small_turn in [small_first, !small_first] {
+            if small_turn {
+                on_small.push(create_once(small, &format!("probe-small-{i}")).await?);
+            } else {
+                on_large.push(create_once(large, &format!("probe-large-{i}")).await?);
+            }
+        }
     }
-    Ok(Latency::of(times))
+    Ok((Latency::of(on_small), Latency::of(on_large)))
 }
 
 /// `count` volumes named `fill-{from..}`, created by several clients at once; the first `stage`
@@ -174,7 +192,7 @@ pub struct Plan {
 pub async fn scale(plan: &Plan, sandbox: Sandbox) -> anyhow::Result<Scale> {
     // A sparse pool large enough for every thin volume's promise (plinth reserves the full size).
     let pool = poolfs::make(&sandbox, PoolKind::Ext4, (plan.volumes as u64 + 64) * VOLUME_BYTES as u64 * 2)?;
-    let node = Node { sandbox: &sandbox, data_dir: pool.join("data") };
+    let node = Node { sandbox: &sandbox, socket: sandbox.socket(), data_dir: pool.join("data") };
     let mut plinth = node.start();
     let started = Instant::now();
     while !sandbox.socket().exists() {
@@ -192,8 +210,6 @@ pub async fn scale(plan: &Plan, sandbox: Sandbox) -> anyhow::Result<Scale> {
 
     let base = 10usize.min(plan.volumes);
     fill(&clients, &sandbox.root(), 0, base, 0).await?;
-    let create_at_10 = create_latency(&mut clients, "10", plan.samples).await?;
-    eprintln!("  CreateVolume at {base}: p50 {:.1} ms", create_at_10.p50_ms);
 
     let started = Instant::now();
     fill(&clients, &sandbox.root(), base, plan.volumes - base, plan.staged.saturating_sub(base)).await?;
@@ -210,8 +226,22 @@ pub async fn scale(plan: &Plan, sandbox: Sandbox) -> anyhow::Result<Scale> {
     let fill_s = started.elapsed().as_secs_f64();
     eprintln!("  filled to {} volumes ({} staged) in {fill_s:.1} s", plan.volumes, plan.staged);
 
-    let create_at_full = create_latency(&mut clients, "full", plan.samples).await?;
-    eprintln!("  CreateVolume at {}: p50 {:.1} ms", plan.volumes, create_at_full.p50_ms);
+    // CreateVolume at 10 volumes: a second plinth on the same pool filesystem keeps 10, and its
+    // creates alternate with the full node's.
+    let small =
+        Node { sandbox: &sandbox, socket: sandbox.path().join("small.sock"), data_dir: pool.join("data-small") };
+    let small_plinth = small.start();
+    wait_ready(&small.socket, Instant::now()).await?;
+    let mut small_clients = client::connect(&small.socket).await?;
+    fill(&small_clients, &sandbox.root(), 0, base, 0).await?;
+    let (create_at_10, create_at_full) =
+        create_latency_side_by_side(&mut small_clients, &mut clients, plan.samples).await?;
+    drop(small_clients);
+    drop(small_plinth);
+    eprintln!(
+        "  CreateVolume p50 at {base}: {:.1} ms, at {}: {:.1} ms (alternating)",
+        create_at_10.p50_ms, plan.volumes, create_at_full.p50_ms
+    );
 
     let page_size = 100;
     let mut list_times = Vec::new();
