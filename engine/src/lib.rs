@@ -124,6 +124,26 @@ impl Engine {
         Ok(Reservation { reserved: &self.reserved, bytes })
     }
 
+    /// Attaches an image. Every attach and detach goes through here or [`Self::detach_loop`]:
+    /// what a loop device writes or discards changes its image's allocation behind the pool's
+    /// back, so the pool forgets what it knew of images at rest.
+    pub(crate) fn attach_loop(
+        &self,
+        image: &std::path::Path,
+        read_only: bool,
+        block_size: u32,
+    ) -> host::HostResult<sys::loopdev::LoopDevice> {
+        self.pool.forget_allocations();
+        self.host.attach_loop(image, read_only, block_size)
+    }
+
+    /// Detaches a loop device (see [`Self::attach_loop`]).
+    pub(crate) fn detach_loop(&self, device: sys::loopdev::LoopDevice) -> host::HostResult<()> {
+        let detached = self.host.detach_loop(device);
+        self.pool.forget_allocations();
+        detached
+    }
+
     /// The pool's capacity figures, from its records and its filesystem's free space.
     pub(crate) fn pool_capacity(&self) -> Result<pool::Capacity> {
         let usage = self
@@ -131,7 +151,9 @@ impl Engine {
             .statfs(self.pool.dir())
             .map_err(|e| Error::internal(format!("statfs {}", self.pool.dir().display()), e))?;
         let mut volumes = Vec::new();
-        self.store.for_each_ready(|r| volumes.push((r.id.clone(), r.capacity_bytes)))?;
+        self.store.for_each_ready(|r| {
+            volumes.push(pool::Promise { id: r.id.clone(), size: r.capacity_bytes, staged: r.staged.is_some() })
+        })?;
         Ok(self.pool.capacity(&volumes, usage))
     }
 

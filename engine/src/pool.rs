@@ -1,10 +1,11 @@
 //! The pool directory: one sparse (or preallocated) image file per volume, and the capacity
 //! accounting that keeps the sum of promises within the disk.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Context, Error, Result};
 use crate::ids::{SnapshotId, VolumeId};
@@ -37,6 +38,20 @@ pub struct Pool {
     capacity_limit: Option<u64>,
     /// Whether the pool's filesystem reflinks: copies are then atomic and O(1).
     shares_blocks: bool,
+    /// Allocation of images at rest, by volume: an image no loop device is attached to changes
+    /// only through this pool, so its size on disk is statted once, not on every create. Dropped
+    /// for an image whenever this pool changes it, and for all whenever a loop device is attached
+    /// or detached (`forget_allocations`); staged volumes are always statted afresh.
+    at_rest: Arc<Mutex<HashMap<VolumeId, u64>>>,
+}
+
+/// One volume as capacity accounting sees it.
+#[derive(Debug, Clone)]
+pub struct Promise {
+    pub id: VolumeId,
+    pub size: u64,
+    /// Staged: its loop device may be writing (or discarding) right now.
+    pub staged: bool,
 }
 
 /// Capacity figures for GetCapacity and `plinth status`.
@@ -90,7 +105,7 @@ impl Pool {
             nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
             nix::sys::stat::Mode::empty(),
         )?;
-        Ok(Self { dir, dir_fd: Arc::new(dir_fd), capacity_limit, shares_blocks })
+        Ok(Self { dir, dir_fd: Arc::new(dir_fd), capacity_limit, shares_blocks, at_rest: Arc::default() })
     }
 
     /// Snapshot images live inside the pool so reflinks (same filesystem only) are possible.
@@ -134,6 +149,7 @@ impl Pool {
         provisioning: Provisioning,
         copying: Copying,
     ) -> Result<CopyMethod> {
+        self.forget_allocation(id);
         let partial = self.dir.join(format!("{id}{PARTIAL_SUFFIX}"));
         let _ = std::fs::remove_file(&partial);
         let result = (|| -> Result<CopyMethod> {
@@ -182,9 +198,33 @@ impl Pool {
             .unwrap_or(0)
     }
 
-    /// Capacity figures for volumes given as (ID, size), given the pool filesystem's `usage`.
-    pub fn capacity(&self, volumes: &[(VolumeId, u64)], usage: FsUsage) -> Capacity {
-        let volumes = volumes.iter().map(|(id, size)| (*size, self.allocated_bytes(id)));
+    fn at_rest(&self) -> std::sync::MutexGuard<'_, HashMap<VolumeId, u64>> {
+        self.at_rest.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Bytes the image occupies on disk: statted if the volume is staged or not known at rest.
+    fn allocated_now(&self, volume: &Promise, at_rest: &mut HashMap<VolumeId, u64>) -> u64 {
+        if volume.staged {
+            return self.allocated_bytes(&volume.id);
+        }
+        *at_rest.entry(volume.id.clone()).or_insert_with(|| self.allocated_bytes(&volume.id))
+    }
+
+    /// Forgets every image's allocation at rest: a loop device was attached or detached, and
+    /// whatever it wrote or discarded meanwhile is only on disk.
+    pub fn forget_allocations(&self) {
+        self.at_rest().clear();
+    }
+
+    fn forget_allocation(&self, id: &VolumeId) {
+        self.at_rest().remove(id);
+    }
+
+    /// Capacity figures for `volumes`, given the pool filesystem's `usage`.
+    pub fn capacity(&self, volumes: &[Promise], usage: FsUsage) -> Capacity {
+        let mut at_rest = self.at_rest();
+        let volumes: Vec<(u64, u64)> = volumes.iter().map(|v| (v.size, self.allocated_now(v, &mut at_rest))).collect();
+        drop(at_rest);
         let (available, provisioned, allocated) = available_bytes(usage.available_bytes, volumes, self.capacity_limit);
         Capacity {
             available_bytes: available,
@@ -197,6 +237,7 @@ impl Pool {
     /// Creates the image under a temporary name and renames it into place only once it has its
     /// full size (and, for thick volumes, all its blocks), so a visible image is always complete.
     pub fn create_image(&self, id: &VolumeId, size: u64, provisioning: Provisioning) -> Result<()> {
+        self.forget_allocation(id);
         let partial = self.dir.join(format!("{id}{PARTIAL_SUFFIX}"));
         let result = (|| -> Result<()> {
             let file = OpenOptions::new()
@@ -226,6 +267,14 @@ impl Pool {
 
     /// Grows an existing image (thin: set_len; thick: also allocate the new blocks).
     pub fn grow_image(&self, id: &VolumeId, size: u64, provisioning: Provisioning) -> Result<()> {
+        // Before and after: a capacity pass in between may have statted it half grown.
+        self.forget_allocation(id);
+        let grown = self.grow_image_unaccounted(id, size, provisioning);
+        self.forget_allocation(id);
+        grown
+    }
+
+    fn grow_image_unaccounted(&self, id: &VolumeId, size: u64, provisioning: Provisioning) -> Result<()> {
         let path = self.image_path(id);
         let file = OpenOptions::new().write(true).open(&path).context(|| format!("opening {}", path.display()))?;
         match provisioning {
@@ -241,6 +290,7 @@ impl Pool {
     }
 
     pub fn remove_image(&self, id: &VolumeId) -> Result<()> {
+        self.forget_allocation(id);
         remove_if_present(&self.image_path(id))?;
         sync_dir(&self.dir)
     }
@@ -306,5 +356,34 @@ mod tests {
         pool.remove_image(&thin).unwrap();
         pool.remove_image(&thick).unwrap();
         assert_eq!(std::fs::read_dir(pool.dir()).unwrap().count(), 1, "only the snapshots folder is left");
+    }
+
+    #[test]
+    fn allocations_at_rest_are_statted_once_and_forgotten_when_anything_may_change_them() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::open(dir.path().join("pool"), None).unwrap();
+        let id = VolumeId::for_name("v");
+        pool.create_image(&id, 64 << 20, Provisioning::Thin).unwrap();
+        let usage = FsUsage {
+            total_bytes: 1 << 40,
+            free_bytes: 1 << 40,
+            available_bytes: 1 << 40,
+            total_inodes: 0,
+            free_inodes: 0,
+        };
+        let allocated =
+            |staged| pool.capacity(&[Promise { id: id.clone(), size: 64 << 20, staged }], usage).allocated_bytes;
+        assert!(allocated(false) < 1 << 20);
+        // A loop device writes 8 MiB: plinth does not see it.
+        let mut image = OpenOptions::new().write(true).open(pool.image_path(&id)).unwrap();
+        image.write_all(&vec![7u8; 8 << 20]).unwrap();
+        image.sync_all().unwrap();
+        assert!(allocated(false) < 1 << 20, "at rest: the figure statted before");
+        assert!(allocated(true) >= 8 << 20, "staged: statted afresh every time");
+        pool.forget_allocations();
+        assert!(allocated(false) >= 8 << 20, "after an attach or detach: statted again");
+        pool.grow_image(&id, 64 << 20, Provisioning::Thick).unwrap();
+        assert!(allocated(false) >= 64 << 20, "what the pool itself changes, it forgets");
     }
 }

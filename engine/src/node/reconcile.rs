@@ -101,7 +101,7 @@ impl Engine {
                 ));
                 continue;
             }
-            self.host.detach_loop(device).map_err(|e| Error::internal("detaching a device of a deleted image", e))?;
+            self.detach_loop(device).map_err(|e| Error::internal("detaching a device of a deleted image", e))?;
             report.detached.push(format!("{} (its image {name} was deleted)", device.path().display()));
         }
         Ok(())
@@ -115,7 +115,7 @@ impl Engine {
             if let Some(device) = attached
                 && seen.table.mounts_of_device(&device.path()).next().is_none()
             {
-                self.host.detach_loop(device).map_err(|e| Error::internal("detaching leaked device", e))?;
+                self.detach_loop(device).map_err(|e| Error::internal("detaching leaked device", e))?;
                 report.detached.push(id.to_string());
             }
             return Ok(());

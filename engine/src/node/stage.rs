@@ -127,9 +127,7 @@ impl Engine {
         const LEGACY_BLOCK_SIZE: u32 = 512;
         let id = record.id.clone();
         let attach = |block_size| {
-            self.host
-                .attach_loop(image, false, block_size)
-                .map_err(|e| Error::internal(format!("attaching volume {id}"), e))
+            self.attach_loop(image, false, block_size).map_err(|e| Error::internal(format!("attaching volume {id}"), e))
         };
         let device = attach(record.loop_block_size.unwrap_or(LOGICAL_BLOCK_SIZE))?;
         if record.loop_block_size.is_some() || !filesystem {
@@ -140,7 +138,7 @@ impl Engine {
             Ok(Probe::Filesystem { block_size: Some(bs), .. }) => bs < LOGICAL_BLOCK_SIZE,
             Ok(_) => false,
             Err(err) => {
-                let _ = self.host.detach_loop(device);
+                let _ = self.detach_loop(device);
                 return Err(err);
             }
         };
@@ -149,7 +147,7 @@ impl Engine {
             return Ok(device);
         }
         tracing::info!(volume_id = %id, "formatted for 512-byte sectors before plinth fixed 4096: attaching it so");
-        self.host.detach_loop(device).map_err(|e| Error::internal(format!("re-attaching {id}"), e))?;
+        self.detach_loop(device).map_err(|e| Error::internal(format!("re-attaching {id}"), e))?;
         let device = attach(LEGACY_BLOCK_SIZE)?;
         record.loop_block_size = Some(LEGACY_BLOCK_SIZE);
         Ok(device)
@@ -166,7 +164,7 @@ impl Engine {
             let _ = std::fs::remove_dir(staging);
         }
         if done.attached_here
-            && let Err(err) = self.host.detach_loop(done.device)
+            && let Err(err) = self.detach_loop(done.device)
         {
             tracing::error!(device = %done.device.path().display(), error = %err, "undoing a failed stage: detach failed");
         }
@@ -403,7 +401,7 @@ impl Engine {
                     device.path().display()
                 )));
             }
-            self.host.detach_loop(device).map_err(|e| Error::internal(format!("detaching {id}"), e))?;
+            self.detach_loop(device).map_err(|e| Error::internal(format!("detaching {id}"), e))?;
             failpoint::check("unstage.detached")?;
         }
         record.staged = None;

@@ -735,6 +735,23 @@ fn group_snapshots_freeze_their_mounted_members_even_on_a_reflink_pool() {
 }
 
 #[test]
+fn capacity_counts_what_a_volume_wrote_while_staged_once_it_is_unstaged() {
+    use std::io::Write;
+    let node = Node::new();
+    let volume = node.create("v", Some(FsType::Ext4));
+    let before = node.engine.capacity(None).unwrap().allocated_bytes;
+    node.stage(&volume.id, &fs_cap()).unwrap();
+    // What the loop device would write through the staged filesystem.
+    let mut image = std::fs::OpenOptions::new().write(true).open(node.image(&volume.id)).unwrap();
+    image.write_all(&vec![1u8; 8 << 20]).unwrap();
+    image.sync_all().unwrap();
+    assert!(node.engine.capacity(None).unwrap().allocated_bytes >= before + (8 << 20), "staged");
+    node.engine.unstage_volume(&volume.id, &node.arg("staging")).unwrap();
+    let after = node.engine.capacity(None).unwrap().allocated_bytes;
+    assert!(after >= before + (8 << 20), "unstaged: {after} bytes, {before} before the writes");
+}
+
+#[test]
 fn a_block_layout_never_touches_filesystem_tools() {
     let node = Node::new();
     let volume = node.create("b", None);
