@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{self, Action, Controller};
@@ -43,44 +43,56 @@ use crate::{modify, volumes};
 
 pub struct Context {
     pub client: kube::Client,
-    pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     /// Error retries of claims, PVs and snapshot contents (one history per object).
     pub backoff: Backoff,
     /// What the claim reconciler reads on every pass (see `cache`).
     pub caches: Caches,
-    /// Events being written at once. Few: under a burst, the writes that move claims forward go
-    /// first and the events follow (all of this process's requests share one API server queue).
-    events_in_flight: Arc<tokio::sync::Semaphore>,
+    /// Events waiting to be written, in order (see [`write_events`]).
+    events: tokio::sync::mpsc::Sender<(Event, ObjectReference)>,
 }
 
-/// See `Context::events_in_flight`.
+/// Events being written at once. Few: under a burst, the writes that move claims forward go
+/// first and the events follow (all of this process's requests share one API server queue).
 const EVENTS_IN_FLIGHT: usize = 2;
+/// Events waiting beyond those: a flood past this many drops new events (logged), so memory
+/// stays bounded whatever is raised.
+const EVENTS_QUEUED: usize = 1024;
+
+/// Writes queued events in order, at most [`EVENTS_IN_FLIGHT`] at a time, until the queue closes.
+async fn write_events(recorder: Recorder, mut queue: tokio::sync::mpsc::Receiver<(Event, ObjectReference)>) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(EVENTS_IN_FLIGHT));
+    while let Some((event, reference)) = queue.recv().await {
+        let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else { return };
+        let recorder = recorder.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(error) = recorder.publish(&event, &reference).await {
+                tracing::warn!(%error, "recording an event failed");
+            }
+        });
+    }
+}
 
 impl Context {
     pub fn new(client: kube::Client, instance: &str, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter { controller: "plinth-controller".into(), instance: Some(instance.into()) };
         let backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
         let recorder = Recorder::new(client.clone(), reporter);
-        let events_in_flight = Arc::new(tokio::sync::Semaphore::new(EVENTS_IN_FLIGHT));
-        Self { recorder, client, metrics, backoff, caches: Caches::default(), events_in_flight }
+        let (events, queue) = tokio::sync::mpsc::channel(EVENTS_QUEUED);
+        tokio::spawn(write_events(recorder, queue));
+        Self { client, metrics, backoff, caches: Caches::default(), events }
     }
 
     /// Records an event about `object` (a claim, a snapshot content) in the background: an event
-    /// is for people, so the reconcile that reports it does not wait for its write. Failures are
-    /// only logged.
+    /// is for people, so the reconcile that reports it does not wait for its write. Failures,
+    /// and events dropped from a full queue, are only logged.
     pub async fn event<K: Resource<DynamicType = ()>>(&self, object: &K, type_: EventType, reason: &str, note: String) {
         let event =
             Event { type_, reason: reason.into(), note: Some(note), action: "Provision".into(), secondary: None };
-        let (recorder, reference) = (self.recorder.clone(), object.object_ref(&()));
-        let in_flight = Arc::clone(&self.events_in_flight);
-        tokio::spawn(async move {
-            // Fair (first come, first served), so events keep their order; never closed.
-            let Ok(_permit) = in_flight.acquire().await else { return };
-            if let Err(error) = recorder.publish(&event, &reference).await {
-                tracing::warn!(%error, "recording an event failed");
-            }
-        });
+        if let Err(error) = self.events.try_send((event, object.object_ref(&()))) {
+            tracing::warn!(reason, %error, "an event was not recorded: too many are waiting");
+        }
     }
 }
 
