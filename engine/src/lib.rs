@@ -150,11 +150,12 @@ impl Engine {
             .host
             .statfs(self.pool.dir())
             .map_err(|e| Error::internal(format!("statfs {}", self.pool.dir().display()), e))?;
-        let mut volumes = Vec::new();
-        self.store.for_each_ready(|r| {
-            volumes.push(pool::Promise { id: r.id.clone(), size: r.capacity_bytes, staged: r.staged.is_some() })
-        })?;
-        Ok(self.pool.capacity(&volumes, usage))
+        self.store.with_ready(|ready| {
+            self.pool.capacity(
+                ready.map(|r| pool::Promise { id: &r.id, size: r.capacity_bytes, staged: r.staged.is_some() }),
+                usage,
+            )
+        })
     }
 
     /// Reports a failure of work that wrote into the pool as RESOURCE_EXHAUSTED when the pool's

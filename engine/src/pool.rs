@@ -46,9 +46,9 @@ pub struct Pool {
 }
 
 /// One volume as capacity accounting sees it.
-#[derive(Debug, Clone)]
-pub struct Promise {
-    pub id: VolumeId,
+#[derive(Debug, Clone, Copy)]
+pub struct Promise<'a> {
+    pub id: &'a VolumeId,
     pub size: u64,
     /// Staged: its loop device may be writing (or discarding) right now.
     pub staged: bool,
@@ -203,11 +203,16 @@ impl Pool {
     }
 
     /// Bytes the image occupies on disk: statted if the volume is staged or not known at rest.
-    fn allocated_now(&self, volume: &Promise, at_rest: &mut HashMap<VolumeId, u64>) -> u64 {
+    fn allocated_now(&self, volume: Promise<'_>, at_rest: &mut HashMap<VolumeId, u64>) -> u64 {
         if volume.staged {
-            return self.allocated_bytes(&volume.id);
+            return self.allocated_bytes(volume.id);
         }
-        *at_rest.entry(volume.id.clone()).or_insert_with(|| self.allocated_bytes(&volume.id))
+        if let Some(known) = at_rest.get(volume.id) {
+            return *known;
+        }
+        let allocated = self.allocated_bytes(volume.id);
+        at_rest.insert(volume.id.clone(), allocated);
+        allocated
     }
 
     /// Forgets every image's allocation at rest: a loop device was attached or detached, and
@@ -221,10 +226,9 @@ impl Pool {
     }
 
     /// Capacity figures for `volumes`, given the pool filesystem's `usage`.
-    pub fn capacity(&self, volumes: &[Promise], usage: FsUsage) -> Capacity {
+    pub fn capacity<'a>(&self, volumes: impl Iterator<Item = Promise<'a>>, usage: FsUsage) -> Capacity {
         let mut at_rest = self.at_rest();
-        let volumes: Vec<(u64, u64)> = volumes.iter().map(|v| (v.size, self.allocated_now(v, &mut at_rest))).collect();
-        drop(at_rest);
+        let volumes = volumes.map(|v| (v.size, self.allocated_now(v, &mut at_rest)));
         let (available, provisioned, allocated) = available_bytes(usage.available_bytes, volumes, self.capacity_limit);
         Capacity {
             available_bytes: available,
@@ -373,7 +377,7 @@ mod tests {
             free_inodes: 0,
         };
         let allocated =
-            |staged| pool.capacity(&[Promise { id: id.clone(), size: 64 << 20, staged }], usage).allocated_bytes;
+            |staged| pool.capacity(std::iter::once(Promise { id: &id, size: 64 << 20, staged }), usage).allocated_bytes;
         assert!(allocated(false) < 1 << 20);
         // A loop device writes 8 MiB: plinth does not see it.
         let mut image = OpenOptions::new().write(true).open(pool.image_path(&id)).unwrap();

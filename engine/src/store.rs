@@ -192,16 +192,17 @@ impl<R: Record> Store<R> {
         Ok(self.list_any()?.into_iter().filter(|r| r.phase().is_ready()).collect())
     }
 
-    /// Visits every [`Phase::Ready`] record, ordered by ID, without copying them: capacity
-    /// accounting runs on every create and needs two fields of each, not N clones.
-    pub fn for_each_ready(&self, mut visit: impl FnMut(&R)) -> Result<()> {
+    /// Runs `read` over every [`Phase::Ready`] record, ordered by ID, in place: capacity
+    /// accounting runs on every create and needs three fields of each, not N clones. Saves wait
+    /// for `read` to finish; keep it short.
+    pub fn with_ready<T>(&self, read: impl FnOnce(&mut dyn Iterator<Item = &R>) -> T) -> Result<T> {
         let mut cache = self.cached();
         if cache.is_none() {
             let records = self.read_all()?;
             *cache = Some(records.into_iter().map(|r| (r.id().as_str().to_owned(), r)).collect());
         }
-        cache.iter().flat_map(|records| records.values()).filter(|r| r.phase().is_ready()).for_each(&mut visit);
-        Ok(())
+        let mut ready = cache.iter().flat_map(|records| records.values()).filter(|r| r.phase().is_ready());
+        Ok(read(&mut ready))
     }
 
     /// Every record whatever its phase, ordered by ID.
@@ -295,8 +296,7 @@ mod tests {
         store.save(&creating).unwrap();
         let fresh: Store<VolumeRecord> = Store::open(dir.path().join("volumes")).unwrap();
         for visited_store in [&store, &fresh] {
-            let mut visited = Vec::new();
-            visited_store.for_each_ready(|r| visited.push(r.clone())).unwrap();
+            let visited: Vec<VolumeRecord> = visited_store.with_ready(|ready| ready.cloned().collect()).unwrap();
             assert_eq!(visited, vec![b.clone()], "ready records only, cached or read from disk");
         }
     }
