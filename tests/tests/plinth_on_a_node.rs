@@ -417,11 +417,23 @@ async fn scenario_too_large_and_cleanup(cluster: &Cluster) {
     let leftovers: Vec<PathBuf> =
         cluster.kubelet_mounts().into_iter().filter(|m| m.to_string_lossy().contains("plinth.csi.dev")).collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
-    // The capacity the scheduler sees is the whole pool again.
-    let capacities =
-        cluster.kubectl(&["get", "csistoragecapacities", "-n", "plinth-system", "-o", "jsonpath={.items[*].capacity}"]);
-    let published: Vec<u64> = capacities.split_whitespace().map(|c| c.parse().expect("bytes")).collect();
-    assert!(!published.is_empty() && published.iter().all(|&c| c == POOL_BYTES), "{capacities}");
+    // The capacity the scheduler sees is the whole pool again: the node republishes a settled
+    // second after its last volume change (and everything every 10 s), not at the instant the
+    // last image goes.
+    cluster
+        .wait("the published capacity back to the whole pool", Duration::from_secs(15), async || {
+            let capacities = cluster.kubectl(&[
+                "get",
+                "csistoragecapacities",
+                "-n",
+                "plinth-system",
+                "-o",
+                "jsonpath={.items[*].capacity}",
+            ]);
+            let published: Vec<u64> = capacities.split_whitespace().map(|c| c.parse().expect("bytes")).collect();
+            (!published.is_empty() && published.iter().all(|&c| c == POOL_BYTES)).then_some(())
+        })
+        .await;
 }
 
 /// The plinth node plugin's summed NodeStage+NodePublish seconds and call count so far (its
