@@ -1,6 +1,9 @@
 //! Data path: the same fio job inside a published plinth volume and on the pool's own filesystem,
 //! runs alternating between the two (ABBA order), median of each side. This VM's I/O drifts
 //! by tens of percent within minutes; alternating puts the drift on both sides equally.
+//!
+//! A third side, a published raw block volume (the loop device itself, no filesystem inside),
+//! splits what the filesystem volume loses between the loop device and the filesystem in it.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -26,6 +29,11 @@ pub struct JobResult {
     pub ratio: f64,
     /// plinth / pool of each back-to-back pair: their spread shows the noise.
     pub pair_ratios: Vec<f64>,
+    /// The same job on a published raw block volume, when measured.
+    pub block: Vec<f64>,
+    pub block_median: Option<f64>,
+    /// block median / pool median.
+    pub block_ratio: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -39,11 +47,31 @@ pub struct DataPath {
     pub jobs: Vec<JobResult>,
 }
 
-/// The files fio works on: inside the published volume, and beside the pool on its filesystem.
+/// The files fio works on: inside the published volume, beside the pool on its filesystem, and
+/// the published block volume.
 pub struct Targets {
     pub volume_file: PathBuf,
     pub pool_file: PathBuf,
+    pub block_file: PathBuf,
     pub device: plinth_engine::sys::loopdev::LoopDevice,
+}
+
+/// Where fio runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Side {
+    Volume,
+    Block,
+    Pool,
+}
+
+impl Targets {
+    fn file(&self, side: Side) -> &Path {
+        match side {
+            Side::Volume => &self.volume_file,
+            Side::Block => &self.block_file,
+            Side::Pool => &self.pool_file,
+        }
+    }
 }
 
 /// Queue attributes the loop knobs are about (sysfs `queue/`), as they are now.
@@ -79,71 +107,95 @@ pub fn device_of(image: &Path) -> anyhow::Result<plinth_engine::sys::loopdev::Lo
         .with_context(|| format!("no loop device holds {}", image.display()))
 }
 
-/// Creates, stages and publishes an ext4 volume for fio, and a directory on the pool's
-/// filesystem for the baseline; lays out both test files.
+/// Creates, stages and publishes an ext4 volume and a raw block volume for fio, and a directory on
+/// the pool's filesystem for the baseline; lays out the three test files.
 pub async fn prepare(clients: &mut Clients, sandbox: &Sandbox, setup: &Setup) -> anyhow::Result<Targets> {
-    let cap = plinth_tests::mount_cap("ext4");
     // Room for the file plus ext4's own metadata.
-    let size = (setup.file_bytes + (512 << 20)) as i64;
-    let volume = clients
-        .controller
-        .create_volume(plinth_tests::create_request("fio", size, cap.clone()))
-        .await
-        .context("creating the fio volume")?
-        .into_inner()
-        .volume
-        .context("CreateVolume returned no volume")?;
-    let (staging, target) = (sandbox.root().join("fio-staging"), sandbox.root().join("fio-target"));
-    std::fs::create_dir_all(&staging)?;
-    clients
-        .node
-        .node_stage_volume(plinth_tests::stage_request(&volume.volume_id, &staging, cap.clone()))
-        .await
-        .context("staging the fio volume")?;
-    clients
-        .node
-        .node_publish_volume(plinth_tests::publish_request(&volume.volume_id, &staging, &target, cap))
-        .await
-        .context("publishing the fio volume")?;
+    let target =
+        publish(clients, sandbox, "fio", plinth_tests::mount_cap("ext4"), setup.file_bytes + (512 << 20)).await?;
+    let block_file = publish(clients, sandbox, "fio-block", plinth_tests::block_cap(), setup.file_bytes).await?;
     let pool = sandbox.data_dir().join("pool");
     let baseline = sandbox.path().join("pool-filesystem");
     std::fs::create_dir_all(&baseline)?;
     if std::fs::metadata(&pool)?.dev() != std::fs::metadata(&baseline)?.dev() {
         bail!("{} is not on the pool's filesystem", baseline.display());
     }
-    let device = device_of(&pool.join(format!("{}.img", volume.volume_id)))?;
-    let targets = Targets { volume_file: target.join("fio.dat"), pool_file: baseline.join("fio.dat"), device };
+    let id = plinth_engine::VolumeId::for_name("fio");
+    let device = device_of(&pool.join(format!("{id}.img")))?;
+    let targets =
+        Targets { volume_file: target.join("fio.dat"), pool_file: baseline.join("fio.dat"), block_file, device };
     let setup = *setup;
-    let (volume_file, pool_file) = (targets.volume_file.clone(), targets.pool_file.clone());
-    tokio::task::spawn_blocking(move || {
-        fio::prefill(&volume_file, &setup)?;
-        fio::prefill(&pool_file, &setup)
-    })
-    .await??;
+    let files = [targets.volume_file.clone(), targets.block_file.clone(), targets.pool_file.clone()];
+    tokio::task::spawn_blocking(move || files.iter().try_for_each(|file| fio::prefill(file, &setup))).await??;
     Ok(targets)
 }
 
-/// `runs` runs of `job` on each side, alternating which side goes first.
-pub async fn compare(job: Job, targets: &Targets, setup: &Setup, runs: usize) -> anyhow::Result<JobResult> {
-    let (mut plinth, mut pool, mut pair_ratios) = (Vec::new(), Vec::new(), Vec::new());
+/// Creates, stages and publishes one volume; its target path.
+async fn publish(
+    clients: &mut Clients,
+    sandbox: &Sandbox,
+    name: &str,
+    cap: csi::VolumeCapability,
+    bytes: u64,
+) -> anyhow::Result<PathBuf> {
+    let volume = clients
+        .controller
+        .create_volume(plinth_tests::create_request(name, bytes as i64, cap.clone()))
+        .await
+        .with_context(|| format!("creating the {name} volume"))?
+        .into_inner()
+        .volume
+        .context("CreateVolume returned no volume")?;
+    let (staging, target) =
+        (sandbox.root().join(format!("{name}-staging")), sandbox.root().join(format!("{name}-target")));
+    std::fs::create_dir_all(&staging)?;
+    clients
+        .node
+        .node_stage_volume(plinth_tests::stage_request(&volume.volume_id, &staging, cap.clone()))
+        .await
+        .with_context(|| format!("staging the {name} volume"))?;
+    clients
+        .node
+        .node_publish_volume(plinth_tests::publish_request(&volume.volume_id, &staging, &target, cap))
+        .await
+        .with_context(|| format!("publishing the {name} volume"))?;
+    Ok(target)
+}
+
+/// `runs` runs of `job` on each side (and on the block volume if `block`), rotating which side
+/// goes first.
+pub async fn compare(
+    job: Job,
+    targets: &Targets,
+    setup: &Setup,
+    runs: usize,
+    block: bool,
+) -> anyhow::Result<JobResult> {
+    let sides: &[Side] = if block { &[Side::Volume, Side::Block, Side::Pool] } else { &[Side::Volume, Side::Pool] };
+    let mut figures: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut pair_ratios = Vec::new();
     for run in 0..runs {
-        let (volume_file, pool_file, setup) = (targets.volume_file.clone(), targets.pool_file.clone(), *setup);
-        let plinth_first = run % 2 == 0;
-        let (on_volume, on_pool) = tokio::task::spawn_blocking(move || -> anyhow::Result<(f64, f64)> {
-            if plinth_first {
-                let v = fio::measure(&job, &volume_file, &setup)?;
-                Ok((v, fio::measure(&job, &pool_file, &setup)?))
-            } else {
-                let p = fio::measure(&job, &pool_file, &setup)?;
-                Ok((fio::measure(&job, &volume_file, &setup)?, p))
-            }
+        let order: Vec<(usize, PathBuf)> = (0..sides.len())
+            .map(|i| (run + i) % sides.len())
+            .map(|index| (index, targets.file(sides[index]).to_owned()))
+            .collect();
+        let setup = *setup;
+        let measured = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(usize, f64)>> {
+            order.into_iter().map(|(index, file)| Ok((index, fio::measure(&job, &file, &setup)?))).collect()
         })
         .await??;
-        plinth.push(on_volume);
-        pool.push(on_pool);
-        pair_ratios.push(on_volume / on_pool);
+        let mut this_run = BTreeMap::new();
+        for (index, figure) in measured {
+            figures.entry(index).or_default().push(figure);
+            this_run.insert(sides[index], figure);
+        }
+        pair_ratios.push(this_run[&Side::Volume] / this_run[&Side::Pool]);
     }
+    let mut of = |side: Side| sides.iter().position(|s| *s == side).map(|i| figures.remove(&i).unwrap_or_default());
+    let (plinth, pool, block) =
+        (of(Side::Volume).unwrap_or_default(), of(Side::Pool).unwrap_or_default(), of(Side::Block));
     let (plinth_median, pool_median) = (median(&plinth), median(&pool));
+    let block_median = block.as_deref().map(median);
     Ok(JobResult {
         job,
         unit: job.metric.unit(),
@@ -153,6 +205,9 @@ pub async fn compare(job: Job, targets: &Targets, setup: &Setup, runs: usize) ->
         pool_median,
         ratio: plinth_median / pool_median,
         pair_ratios,
+        block: block.unwrap_or_default(),
+        block_median,
+        block_ratio: block_median.map(|b| b / pool_median),
     })
 }
 
@@ -161,10 +216,15 @@ pub async fn data_path(targets: &Targets, setup: &Setup, runs: usize) -> anyhow:
     let queue = queue_settings(targets.device);
     let mut jobs = Vec::new();
     for job in fio::JOBS {
-        let result = compare(job, targets, setup, runs).await?;
+        let result = compare(job, targets, setup, runs, true).await?;
         eprintln!(
-            "  {:<18} plinth {:>9.0} pool {:>9.0} {}  ×{:.2}",
-            job.name, result.plinth_median, result.pool_median, result.unit, result.ratio
+            "  {:<18} plinth {:>9.0} block {:>9.0} pool {:>9.0} {}  ×{:.2}",
+            job.name,
+            result.plinth_median,
+            result.block_median.unwrap_or_default(),
+            result.pool_median,
+            result.unit,
+            result.ratio
         );
         jobs.push(result);
     }
@@ -180,22 +240,24 @@ pub async fn data_path(targets: &Targets, setup: &Setup, runs: usize) -> anyhow:
 
 /// Unpublishes and unstages what [`prepare`] made (the sandbox sweeps whatever this misses).
 pub async fn release(clients: &mut Clients, sandbox: &Sandbox) -> anyhow::Result<()> {
-    let id = plinth_engine::VolumeId::for_name("fio").to_string();
-    clients
-        .node
-        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: sandbox.root().join("fio-target").display().to_string(),
-        })
-        .await?;
-    clients
-        .node
-        .node_unstage_volume(csi::NodeUnstageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: sandbox.root().join("fio-staging").display().to_string(),
-        })
-        .await?;
-    clients.controller.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() }).await?;
+    for name in ["fio", "fio-block"] {
+        let id = plinth_engine::VolumeId::for_name(name).to_string();
+        clients
+            .node
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                target_path: sandbox.root().join(format!("{name}-target")).display().to_string(),
+            })
+            .await?;
+        clients
+            .node
+            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: sandbox.root().join(format!("{name}-staging")).display().to_string(),
+            })
+            .await?;
+        clients.controller.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() }).await?;
+    }
     let _ = std::fs::remove_dir_all(sandbox.path().join("pool-filesystem"));
     Ok(())
 }

@@ -79,7 +79,7 @@ fn apply(device: LoopDevice, settings: &BTreeMap<String, String>) -> bool {
 async fn measure(targets: &Targets, setup: &Setup, runs: usize) -> anyhow::Result<BTreeMap<String, (f64, f64, f64)>> {
     let mut jobs = BTreeMap::new();
     for job in fio::JOBS.iter().filter(|j| j.block_size == "4k") {
-        let result = data::compare(*job, targets, setup, runs).await?;
+        let result = data::compare(*job, targets, setup, runs, false).await?;
         jobs.insert(job.name.to_owned(), (result.plinth_median, result.pool_median, result.ratio));
     }
     Ok(jobs)

@@ -237,18 +237,29 @@ impl Report {
             );
             let _ = writeln!(
                 out,
-                "   {:<18} {:>10} {:>10} {:>6}  {:>7}  pair ratios (min–max)",
-                "job", "plinth", "pool fs", "unit", "ratio"
+                "   {:<18} {:>10} {:>10} {:>6}  {:>7}  {:<21}  {:>10} {:>7}",
+                "job", "plinth", "pool fs", "unit", "ratio", "pair ratios (min–max)", "raw block", "ratio"
             );
             for j in &d.jobs {
                 let lo = j.pair_ratios.iter().copied().fold(f64::INFINITY, f64::min);
                 let hi = j.pair_ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let pairs = format!("{lo:.2}–{hi:.2}");
                 let _ = writeln!(
                     out,
-                    "   {:<18} {:>10.0} {:>10.0} {:>6}  {:>6.2}×  {lo:.2}–{hi:.2}",
-                    j.job.name, j.plinth_median, j.pool_median, j.unit, j.ratio
+                    "   {:<18} {:>10.0} {:>10.0} {:>6}  {:>6.2}×  {pairs:<21}  {:>10.0} {:>6.2}×",
+                    j.job.name,
+                    j.plinth_median,
+                    j.pool_median,
+                    j.unit,
+                    j.ratio,
+                    j.block_median.unwrap_or(f64::NAN),
+                    j.block_ratio.unwrap_or(f64::NAN)
                 );
             }
+            let _ = writeln!(
+                out,
+                "   raw block: the same job on a published block volume (its loop device, no filesystem inside), against the pool fs"
+            );
             let queue: Vec<String> = d.queue.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let _ = writeln!(out, "   loop queue: {}", queue.join(" "));
         }
