@@ -90,6 +90,38 @@ fn baseline(flag: &str, from: &Path, to: &Path) -> anyhow::Result<(Duration, Dur
     Ok((copied, synced))
 }
 
+/// One plinth operation and `cp` of the same source, in the order of the repetition, each after
+/// the pool has settled and with the source out of the guest's page cache.
+struct AgainstCp<'a> {
+    plinth_first: bool,
+    pool: &'a Path,
+    cp_flag: &'a str,
+    copy: &'a Path,
+}
+
+impl AgainstCp<'_> {
+    /// Appends plinth's time, cp's and cp + fsync's to `times`.
+    fn run(
+        &self,
+        times: &mut [Vec<f64>; 3],
+        source: &Path,
+        mut plinth: impl FnMut() -> anyhow::Result<Duration>,
+    ) -> anyhow::Result<()> {
+        for plinth_turn in [self.plinth_first, !self.plinth_first] {
+            settle(self.pool)?;
+            if plinth_turn {
+                evict(source)?;
+                times[0].push(ms(plinth()?));
+            } else {
+                let (copied, synced) = baseline(self.cp_flag, source, self.copy)?;
+                times[1].push(ms(copied));
+                times[2].push(ms(synced));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn image_of(pool_dir: &Path, id: &str) -> PathBuf {
     pool_dir.join(format!("{id}.img"))
 }
@@ -126,57 +158,34 @@ pub async fn services(kind: PoolKind, plan: &Plan, sandbox: Sandbox) -> anyhow::
         for rep in 0..repetitions {
             let plinth_first = rep % 2 == 0;
             let snapshot = format!("snapshot-{rep}");
-            // Snapshot (and clone) against cp of the source image.
-            for plinth_turn in [plinth_first, !plinth_first] {
-                settle(&pool)?;
-                if plinth_turn {
-                    evict(&source)?;
-                    let (taken, elapsed) = cli(&socket, &["snapshot", "create", &snapshot, "--volume", "source"])?;
-                    copy_method = taken["copy_method"].as_str().unwrap_or_default().to_owned();
-                    times[0][0].push(ms(elapsed));
-                } else {
-                    let (copied, synced) = baseline(cp_flag, &source, &copy)?;
-                    times[0][1].push(ms(copied));
-                    times[0][2].push(ms(synced));
-                }
-            }
+            let against_cp = AgainstCp { plinth_first, pool: &pool, cp_flag, copy: &copy };
+            // Snapshot against cp of the source image.
+            against_cp.run(&mut times[0], &source, || {
+                let (taken, elapsed) = cli(&socket, &["snapshot", "create", &snapshot, "--volume", "source"])?;
+                copy_method = taken["copy_method"].as_str().unwrap_or_default().to_owned();
+                Ok(elapsed)
+            })?;
             // The clone gets its own baseline, in alternating order too: whichever of two copies
             // of the source runs second finds it in the VM host's cache.
-            for plinth_turn in [plinth_first, !plinth_first] {
-                settle(&pool)?;
-                if plinth_turn {
-                    evict(&source)?;
-                    let clone = format!("clone-{rep}");
-                    let (_, elapsed) =
-                        cli(&socket, &["volume", "create", &clone, "--size", &size, "--from-volume", "source"])?;
-                    times[1][0].push(ms(elapsed));
-                    cli(&socket, &["volume", "delete", &clone])?;
-                } else {
-                    let (copied, synced) = baseline(cp_flag, &source, &copy)?;
-                    times[1][1].push(ms(copied));
-                    times[1][2].push(ms(synced));
-                }
-            }
+            let clone = format!("clone-{rep}");
+            against_cp.run(&mut times[1], &source, || {
+                let (_, elapsed) =
+                    cli(&socket, &["volume", "create", &clone, "--size", &size, "--from-volume", "source"])?;
+                cli(&socket, &["volume", "delete", &clone])?;
+                Ok(elapsed)
+            })?;
             // Restore against cp of the snapshot image.
             let snapshot_image = std::fs::read_dir(&snapshot_dir)?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .find(|p| p.extension().is_some_and(|e| e == "img"))
                 .context("the snapshot image is missing")?;
-            for plinth_turn in [plinth_first, !plinth_first] {
-                settle(&pool)?;
-                if plinth_turn {
-                    evict(&snapshot_image)?;
-                    let restore = format!("restore-{rep}");
-                    let (_, elapsed) =
-                        cli(&socket, &["volume", "create", &restore, "--size", &size, "--from-snapshot", &snapshot])?;
-                    times[2][0].push(ms(elapsed));
-                    cli(&socket, &["volume", "delete", &restore])?;
-                } else {
-                    let (copied, synced) = baseline(cp_flag, &snapshot_image, &copy)?;
-                    times[2][1].push(ms(copied));
-                    times[2][2].push(ms(synced));
-                }
-            }
+            let restore = format!("restore-{rep}");
+            against_cp.run(&mut times[2], &snapshot_image, || {
+                let (_, elapsed) =
+                    cli(&socket, &["volume", "create", &restore, "--size", &size, "--from-snapshot", &snapshot])?;
+                cli(&socket, &["volume", "delete", &restore])?;
+                Ok(elapsed)
+            })?;
             cli(&socket, &["snapshot", "delete", &snapshot])?;
         }
         let operations = ["snapshot", "clone", "restore"]
