@@ -48,6 +48,15 @@ impl FsType {
             FsType::Btrfs => 109 * MIB,
         }
     }
+
+    /// The smallest size the kernel grows this filesystem to: it refuses to resize btrfs below
+    /// 256 MiB (EINVAL), even to the size it already has.
+    pub fn smallest_growth_target(self) -> u64 {
+        match self {
+            FsType::Btrfs => 256 * MIB,
+            FsType::Ext4 | FsType::Xfs => 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

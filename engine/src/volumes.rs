@@ -98,6 +98,21 @@ fn layout_from_source(requested: Layout, explicit: bool, source: Layout) -> Resu
     }
 }
 
+/// A filesystem that will have to grow to `size` can: the kernel grows btrfs only to 256 MiB or
+/// more, and a volume whose filesystem can never catch up with its size fails every stage.
+fn check_growable(id: &VolumeId, layout: Layout, filesystem_bytes: u64, size: u64) -> Result<()> {
+    let Some(fs) = layout.fs_type() else { return Ok(()) };
+    let floor = fs.smallest_growth_target();
+    if filesystem_bytes == 0 || size <= filesystem_bytes || size >= floor {
+        return Ok(());
+    }
+    Err(Error::OutOfRange(format!(
+        "volume {id} holds a {} filesystem of {filesystem_bytes} bytes, which the kernel grows only to {floor} \
+         bytes or more: ask for at least that",
+        fs.as_str()
+    )))
+}
+
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -151,6 +166,7 @@ impl Engine {
         let minimum =
             layout.fs_type().map_or(MIB, FsType::minimum_bytes).max(source.as_ref().map_or(0, |s| s.size_bytes));
         let size = resolve_capacity(request.required_bytes, request.limit_bytes, self.default_volume_size, minimum)?;
+        check_growable(&id, layout, source.as_ref().map_or(0, |s| s.filesystem_bytes), size)?;
 
         match self.store.load_any(&id)? {
             Some(existing) if existing.phase.is_ready() => {
@@ -323,6 +339,7 @@ impl Engine {
         if wanted <= current {
             return Ok((current, needs_node));
         }
+        check_growable(&id, record.layout, record.filesystem_bytes, wanted)?;
         let reservation = self.reserve(wanted - current, || format!("growing {id}"))?;
         self.pool.grow_image(&id, wanted, record.provisioning).map_err(|e| self.pool_full_or(e))?;
         failpoint::check("expand.image_grown")?;

@@ -232,6 +232,9 @@ impl Engine {
                 failpoint::check("stage.formatted")?;
             }
             Probe::Filesystem { fs: found, .. } if found == fs.as_str() => {
+                if record.filesystem_bytes == 0 {
+                    tracing::info!(volume_id = %id, "found the filesystem an interrupted stage made; not formatting");
+                }
                 if fs == FsType::Ext4 && wants_growth(record) {
                     self.host
                         .grow_unmounted_ext4(&dev_path)
@@ -289,16 +292,30 @@ impl Engine {
         // What the filesystem offered at its last known size: after a crash between a growth and
         // its record, `before` already shows the grown size, and this still tells them apart.
         let reference = record.filesystem_usable_bytes.map_or(before, |known| known.min(before));
+        // No size on record, yet a filesystem: a stage formatted it and crashed before it could
+        // record that. It was made for the device of that stage, which may be this one, so a
+        // growth that changes nothing is the expected outcome, not a failed one.
+        let size_unknown = record.filesystem_bytes == 0;
+        let below_floor = record.capacity_bytes < fs.smallest_growth_target();
+        if size_unknown && below_floor {
+            // No growth is possible, and none is needed: a first stage made it for a device of
+            // at most this size, below the size the kernel would grow it to.
+            record.filesystem_bytes = record.capacity_bytes;
+            record.filesystem_usable_bytes = Some(before);
+            return Ok(());
+        }
         self.host.grow_filesystem(&device.path(), mount_point, fs).map_err(|e| {
-            let hint = if fs == FsType::Ext4 {
-                " (online ext4 growth needs CAP_SYS_RESOURCE; without it the filesystem grows on next stage)"
-            } else {
-                ""
+            let hint = match fs {
+                FsType::Ext4 => {
+                    " (online ext4 growth needs CAP_SYS_RESOURCE; without it the filesystem grows on next stage)"
+                }
+                FsType::Btrfs if below_floor => " (the kernel grows btrfs only to 256 MiB or more)",
+                _ => "",
             };
             Error::internal(format!("growing the filesystem of {id}{hint}"), e)
         })?;
         let after = usage("after growing")?;
-        if after <= reference {
+        if after <= reference && !size_unknown {
             return Err(Error::internal(
                 format!("growing the filesystem of {id}"),
                 format!("it still has {after} bytes after growing to a {} byte device", record.capacity_bytes),

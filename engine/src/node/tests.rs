@@ -349,6 +349,44 @@ fn an_xfs_volume_expanded_while_unstaged_grows_after_mounting_and_is_verified() 
 }
 
 #[test]
+fn an_xfs_filesystem_whose_format_a_crash_left_unrecorded_is_adopted() {
+    let node = Node::new();
+    let volume = node.create("v", Some(FsType::Xfs));
+    node.stage(&volume.id, &fs_cap()).unwrap();
+    node.engine.unstage_volume(&volume.id, &node.arg("staging")).unwrap();
+    // What a crash between mkfs and the stage's record leaves: a filesystem the record never saw.
+    let mut unrecorded = node.record(&volume.id);
+    unrecorded.filesystem_bytes = 0;
+    unrecorded.filesystem_usable_bytes = None;
+    node.engine.store.save(&unrecorded).unwrap();
+    // It already spans the device: growing it changes nothing, and that is no failure.
+    node.host.stall_growth();
+
+    node.stage(&volume.id, &fs_cap()).unwrap();
+    assert_eq!(node.count(|c| matches!(c, Call::MakeFilesystem { .. })), 1, "formatted once, never again");
+    let record = node.record(&volume.id);
+    assert_eq!(record.filesystem_bytes, record.capacity_bytes);
+    assert!(record.filesystem_usable_bytes.is_some());
+}
+
+#[test]
+fn a_formatted_btrfs_volume_is_not_expanded_to_a_size_the_kernel_cannot_grow_it_to() {
+    let node = Node::new();
+    let volume = node.create("v", Some(FsType::Btrfs));
+    // Never formatted: any size is fine, mkfs makes it whole.
+    node.engine.expand_volume(volume.id.as_str(), 128 * MIB as i64, 0).unwrap();
+    node.stage(&volume.id, &fs_cap()).unwrap();
+    node.engine.unstage_volume(&volume.id, &node.arg("staging")).unwrap();
+
+    let err = node.engine.expand_volume(volume.id.as_str(), 200 * MIB as i64, 0).unwrap_err();
+    assert!(matches!(err, crate::Error::OutOfRange(_)), "{err:?}");
+    assert_eq!(node.record(&volume.id).capacity_bytes, 128 * MIB, "nothing grew");
+    node.engine.expand_volume(volume.id.as_str(), 256 * MIB as i64, 0).unwrap();
+    node.stage(&volume.id, &fs_cap()).unwrap();
+    assert_eq!(node.record(&volume.id).filesystem_bytes, 256 * MIB);
+}
+
+#[test]
 fn node_expansion_grows_online_and_checks_the_result() {
     let node = Node::new();
     let volume = node.create("v", Some(FsType::Xfs));
