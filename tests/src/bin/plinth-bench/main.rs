@@ -84,7 +84,7 @@ struct Options {
     /// How many of them are staged (default 200; quick 20).
     #[arg(long)]
     staged: Option<usize>,
-    /// Repetitions of each data-service operation (default 3; quick 1).
+    /// Repetitions of each data-service operation (default 5; quick 1).
     #[arg(long)]
     repetitions: Option<usize>,
     /// Where the JSON, text and SVG reports go.
@@ -157,7 +157,7 @@ impl Plan {
             services: services::Plan {
                 image_bytes: if quick { 2 << 30 } else { 10 << 30 },
                 data_bytes: if quick { 256 << 20 } else { 2 << 30 },
-                repetitions: pick(options.repetitions, 3, 1),
+                repetitions: pick(options.repetitions, 5, 1),
             },
         })
     }

@@ -337,17 +337,22 @@ impl Report {
             );
             let _ = writeln!(
                 out,
-                "   {:<9} {:>10} {:>12} {:>14} {:>8}",
+                "   {:<9} {:>10} {:>12} {:>14} {:>8}  {:<27}",
                 "operation",
                 "plinth ms",
                 format!("cp ms"),
                 "cp+fsync ms",
-                "ratio"
+                "ratio",
+                "pair ratios: median (min–max)"
             );
             for op in &s.operations {
+                let pairs = op.pair_ratios();
+                let lo = pairs.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = pairs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let pairs = format!("{:.2}× ({lo:.2}–{hi:.2})", crate::stats::median(&pairs));
                 let _ = writeln!(
                     out,
-                    "   {:<9} {:>10.1} {:>12.1} {:>14.1} {:>7.2}×   (cp {})",
+                    "   {:<9} {:>10.1} {:>12.1} {:>14.1} {:>7.2}×  {pairs:<27}  (cp {})",
                     op.operation,
                     op.plinth.p50_ms,
                     op.cp.p50_ms,

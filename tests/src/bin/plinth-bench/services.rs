@@ -5,8 +5,11 @@
 //!
 //! Every copy starts with the source's pages out of the guest's page cache, and plinth's copy is
 //! durable (fsync before its record), so the baseline is timed with and without an fsync of the
-//! copy. Each operation has its own baseline, the two in alternating order: the VM host caches
-//! the disk as well, beyond the harness's reach, and a second copy of the same source is faster.
+//! copy. Each operation has its own baseline, the two in alternating order. The VM host caches
+//! the disk as well, beyond the harness's reach, and a second copy of the same source is faster:
+//! so each pair starts with an unmeasured read of the source, and both sides find it in the
+//! host's cache. (Without it, whichever side went first paid the host's cold read alone; with an
+//! odd number of repetitions that was plinth's snapshot twice in three, and its median too.)
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -32,6 +35,14 @@ pub struct Operation {
     /// `cp` of the same image, alone and followed by an fsync of the copy.
     pub cp: Latency,
     pub cp_fsync: Latency,
+}
+
+impl Operation {
+    /// plinth / (cp + fsync) of each repetition, whose two sides ran back to back: on a disk
+    /// whose speed drifts by 3× within a run, a pair shares the drift that medians apart do not.
+    pub fn pair_ratios(&self) -> Vec<f64> {
+        self.plinth.samples_ms.iter().zip(&self.cp_fsync.samples_ms).map(|(plinth, cp)| plinth / cp).collect()
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -71,6 +82,36 @@ fn evict(file: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads every data extent of `file` once (holes are skipped, as both copies skip them), so the
+/// VM host holds it in its cache before either side of a pair copies it.
+fn prime(file: &Path) -> anyhow::Result<()> {
+    use nix::unistd::{Whence, lseek};
+    use std::os::unix::fs::FileExt;
+    let handle = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let len = handle.metadata()?.len();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut offset = 0u64;
+    while offset < len {
+        let data = match lseek(&handle, offset as i64, Whence::SeekData) {
+            Ok(data) => data as u64,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(e).context("SEEK_DATA"),
+        };
+        let hole = (lseek(&handle, data as i64, Whence::SeekHole).context("SEEK_HOLE")? as u64).min(len);
+        let mut at = data;
+        while at < hole {
+            let want = ((hole - at) as usize).min(buffer.len());
+            let read = handle.read_at(&mut buffer[..want], at)?;
+            if read == 0 {
+                break;
+            }
+            at += read as u64;
+        }
+        offset = hole;
+    }
+    Ok(())
+}
+
 /// Flushes the pool filesystem, so no earlier step's writeback runs during the next measurement.
 fn settle(pool: &Path) -> anyhow::Result<()> {
     let handle = std::fs::File::open(pool)?;
@@ -107,6 +148,7 @@ impl AgainstCp<'_> {
         source: &Path,
         mut plinth: impl FnMut() -> anyhow::Result<Duration>,
     ) -> anyhow::Result<()> {
+        prime(source)?;
         for plinth_turn in [self.plinth_first, !self.plinth_first] {
             settle(self.pool)?;
             if plinth_turn {
