@@ -7,11 +7,12 @@
 #   tests/bench.sh --quick                     # a short run while developing
 #   tests/bench.sh --wait-quiet 3600           # the published figures: waits for a quiet machine
 #   tests/bench.sh --only data --knobs         # the loop queue knobs, one at a time
+#   tests/bench.sh --only control --plinth tests/plinth-without-fsync.sh   # the floor without fsync
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:$HOME/.cargo/bin"
 missing=()
-for tool in fio:fio mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs mkfs.ext4:e2fsprogs; do
+for tool in fio:fio eatmydata:eatmydata mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs mkfs.ext4:e2fsprogs; do
   command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
 if ((${#missing[@]})); then
