@@ -622,7 +622,7 @@ async fn bench_bind_100_claims() {
         println!("    {program:<28} {seconds:>6.2} s");
     }
     println!("  API requests while binding, by verb and resource (all clients):");
-    for (key, count) in growth(&requests_before, &requests_after, 1.0).into_iter().take(14) {
+    for (key, count) in growth(&requests_before, &requests_after, 1.0).into_iter().take(20) {
         println!("    {key:<44} {count:>6.0}");
     }
     // Where the API server queued requests (API Priority and Fairness), since it started.
@@ -667,7 +667,11 @@ async fn api_requests(client: &Client) -> BTreeMap<String, f64> {
         let subresource = label("subresource");
         let resource =
             if subresource.is_empty() { label("resource") } else { format!("{}/{subresource}", label("resource")) };
-        *counts.entry(format!("{} {resource}", label("verb"))).or_insert(0.0) += value.trim().parse().unwrap_or(0.0);
+        // Refused requests apart (a 409 is a create or update that raced another), with their code.
+        let code = label("code");
+        let outcome = if code.starts_with('2') { String::new() } else { format!(" ({code})") };
+        *counts.entry(format!("{} {resource}{outcome}", label("verb"))).or_insert(0.0) +=
+            value.trim().parse().unwrap_or(0.0);
     }
     counts
 }
