@@ -88,8 +88,9 @@ pub trait Host: Send + Sync + std::fmt::Debug {
     /// Unmounts; "not mounted" counts as done.
     fn unmount(&self, target: &Path) -> HostResult<()>;
 
-    /// What is on the device (blkid, bypassing its cache).
-    fn probe(&self, device: &Path) -> HostResult<Probe>;
+    /// What is on `device`, the loop device of `image`: blank when the image holds no data at
+    /// all, else what blkid finds (bypassing its cache).
+    fn probe(&self, device: &Path, image: &Path) -> HostResult<Probe>;
     /// Formats a device `probe` reported blank; `extra` are validated mkfs options.
     fn make_filesystem(&self, device: &Path, fs: FsType, extra: &[String]) -> HostResult<()>;
     /// e2fsck -p then resize2fs on an unmounted ext4 filesystem.
@@ -162,8 +163,8 @@ impl Host for SystemHost {
         Ok(crate::sys::mount::unmount(target)?)
     }
 
-    fn probe(&self, device: &Path) -> HostResult<Probe> {
-        Ok(crate::sys::mkfs::probe(device)?)
+    fn probe(&self, device: &Path, image: &Path) -> HostResult<Probe> {
+        Ok(crate::sys::mkfs::probe(device, image)?)
     }
     fn make_filesystem(&self, device: &Path, fs: FsType, extra: &[String]) -> HostResult<()> {
         Ok(crate::sys::mkfs::make_filesystem(device, fs, extra)?)

@@ -446,7 +446,7 @@ impl Host for FakeHost {
         Ok(())
     }
 
-    fn probe(&self, device: &Path) -> HostResult<Probe> {
+    fn probe(&self, device: &Path, _image: &Path) -> HostResult<Probe> {
         let mut state = self.state();
         state.calls.push(Call::Probe(device.to_owned()));
         if state.fails(Op::Probe) {

@@ -133,7 +133,7 @@ impl Engine {
         if record.loop_block_size.is_some() || !filesystem {
             return Ok(device);
         }
-        let probed = self.host.probe(&device.path()).map_err(|e| Error::internal(format!("probing {id}"), e));
+        let probed = self.host.probe(&device.path(), image).map_err(|e| Error::internal(format!("probing {id}"), e));
         let legacy = match probed {
             Ok(Probe::Filesystem { block_size: Some(bs), .. }) => bs < LOGICAL_BLOCK_SIZE,
             Ok(_) => false,
@@ -222,7 +222,8 @@ impl Engine {
             options.data.push("nouuid".into());
         }
         let wants_growth = |record: &VolumeRecord| !read_only && record.filesystem_bytes < record.capacity_bytes;
-        match self.host.probe(&dev_path).map_err(|e| Error::internal(format!("probing {id}"), e))? {
+        let image = self.pool.image_path(&id);
+        match self.host.probe(&dev_path, &image).map_err(|e| Error::internal(format!("probing {id}"), e))? {
             Probe::Blank => {
                 tracing::info!(volume_id = %id, fs = fs.as_str(), "formatting blank volume");
                 self.host

@@ -16,6 +16,12 @@ pub enum MkfsError {
     },
     #[error("{program} {device} failed ({status}): {stderr}")]
     Failed { program: &'static str, device: PathBuf, status: String, stderr: String },
+    #[error("looking for data in {image}")]
+    Extents {
+        image: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What is on a device, as far as it matters before formatting it.
@@ -62,8 +68,32 @@ pub(crate) fn parse_blkid_export(text: &str) -> Probe {
     }
 }
 
-/// Low-level probe of `device` (bypasses blkid's cache).
-pub fn probe(device: &Path) -> Result<Probe, MkfsError> {
+/// Whether any byte of `image` was ever written: its first data extent (SEEK_DATA), if any. A
+/// file that is all holes reads as zeros, so it holds no signature of any kind. A filesystem
+/// that cannot tell says the whole file is data.
+pub fn holds_data(image: &Path) -> std::io::Result<bool> {
+    use nix::unistd::{Whence, lseek};
+    let file = std::fs::File::open(image)?;
+    match lseek(&file, 0, Whence::SeekData) {
+        Ok(_) => Ok(true),
+        // ENXIO: no data at or after offset 0.
+        Err(nix::errno::Errno::ENXIO) => Ok(false),
+        Err(errno) => Err(errno.into()),
+    }
+}
+
+/// What is on `device`, the loop device of `image`. An image that holds no data at all is
+/// blank without asking blkid, whose low-level probe reads dozens of places on the device
+/// (7 ms on a blank 1 GiB volume here, a quarter of a first stage); any data, and blkid looks.
+pub fn probe(device: &Path, image: &Path) -> Result<Probe, MkfsError> {
+    if !holds_data(image).map_err(|source| MkfsError::Extents { image: image.to_owned(), source })? {
+        return Ok(Probe::Blank);
+    }
+    blkid(device)
+}
+
+/// Low-level probe of `device` by blkid (bypasses its cache).
+fn blkid(device: &Path) -> Result<Probe, MkfsError> {
     let output = run("blkid", &["-p".as_ref(), "-o".as_ref(), "export".as_ref(), device.as_os_str()])?;
     match output.status.code() {
         Some(0) => Ok(parse_blkid_export(&String::from_utf8_lossy(&output.stdout))),
@@ -161,6 +191,23 @@ pub fn grow_filesystem(device: &Path, mount_point: &Path, fs: FsType) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_image_holds_data_once_a_byte_is_written_anywhere() {
+        use std::io::{Seek, SeekFrom, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image");
+        let mut image = std::fs::File::create(&path).unwrap();
+        image.set_len(64 << 20).unwrap();
+        assert!(!holds_data(&path).unwrap(), "all holes");
+        // One sector near the end, where RAID and other metadata superblocks live.
+        image.seek(SeekFrom::Start((64 << 20) - 4096)).unwrap();
+        image.write_all(&[0xa5; 512]).unwrap();
+        assert!(holds_data(&path).unwrap(), "written, not yet on disk");
+        image.sync_all().unwrap();
+        assert!(holds_data(&path).unwrap(), "written and on disk");
+        assert!(holds_data(&dir.path().join("missing")).is_err());
+    }
 
     #[test]
     fn classifies_blkid_output() {
