@@ -11,6 +11,7 @@ use plinth_tests::{Clients, Sandbox};
 use serde::Serialize;
 
 use crate::kind::Kind;
+use crate::machine::CpuTicks;
 use crate::raw::{self, RawVolume, STEPS};
 use crate::stats::{Latency, ms};
 
@@ -45,6 +46,12 @@ pub struct Parallel {
     pub plinth_sequential_cycles_per_s: f64,
     pub raw_cycles_per_s: f64,
     pub raw_sequential_cycles_per_s: f64,
+    /// CPUs busy on average (the whole machine, out of `cpus`) during plinth's sequential and
+    /// parallel batches: how close the parallel run comes to using the whole machine, and what
+    /// a cycle costs in CPU either way.
+    pub cpus: usize,
+    pub plinth_sequential_busy_cpus: f64,
+    pub plinth_parallel_busy_cpus: f64,
 }
 
 /// The paths one worker uses for plinth and for the raw chain, below the sandbox's allowed root.
@@ -277,17 +284,25 @@ pub async fn parallel(
     // average, short enough to stay next to its parallel batch.
     let sequential_per_round = 2 * per_round;
     let mut rates = Vec::new();
+    let (mut plinth_parallel_cpu, mut plinth_sequential_cpu) = (CpuTicks::default(), CpuTicks::default());
     for plinth in [true, false] {
         let (mut parallel_time, mut sequential_time) = (Duration::ZERO, Duration::ZERO);
         for round in 0..PARALLEL_ROUNDS {
             let tag = format!("r{round}");
             let parallel_first = round % 2 == 0;
             for parallel_turn in [parallel_first, !parallel_first] {
+                let cpu_before = CpuTicks::now();
                 if parallel_turn {
                     parallel_time += parallel_batch(clients, kind, &all_paths, plinth, per_round, &tag).await?;
                 } else {
                     sequential_time +=
                         sequential_batch(clients, kind, &sequential_paths, plinth, sequential_per_round, &tag).await?;
+                }
+                let used = CpuTicks::now().since(cpu_before);
+                match (plinth, parallel_turn) {
+                    (true, true) => plinth_parallel_cpu.add(used),
+                    (true, false) => plinth_sequential_cpu.add(used),
+                    (false, _) => {}
                 }
             }
         }
@@ -303,5 +318,8 @@ pub async fn parallel(
         plinth_sequential_cycles_per_s: rates[0].1,
         raw_cycles_per_s: rates[1].0,
         raw_sequential_cycles_per_s: rates[1].1,
+        cpus: crate::machine::cpus(),
+        plinth_sequential_busy_cpus: plinth_sequential_cpu.busy_cpus(crate::machine::cpus()),
+        plinth_parallel_busy_cpus: plinth_parallel_cpu.busy_cpus(crate::machine::cpus()),
     })
 }

@@ -59,6 +59,52 @@ pub fn filesystem_of(path: &Path) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// CPU time of the whole machine so far from /proc/stat's first line, in clock ticks: (busy,
+/// all). Busy is everything but idle and iowait (a CPU waiting for the disk could run work);
+/// steal (time the hypervisor gave to others) counts as neither: it was never ours.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTicks {
+    busy: u64,
+    all: u64,
+}
+
+impl CpuTicks {
+    pub fn now() -> Self {
+        let text = read("/proc/stat");
+        let ticks: Vec<u64> = text
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .map(|f| f.parse().unwrap_or(0))
+            .collect();
+        let field = |i: usize| ticks.get(i).copied().unwrap_or(0);
+        // user nice system idle iowait irq softirq steal
+        let all = (0..7).map(field).sum::<u64>();
+        Self { busy: all - field(3) - field(4), all }
+    }
+
+    /// The busy ticks and all ticks since `earlier`.
+    pub fn since(self, earlier: CpuTicks) -> CpuTicks {
+        CpuTicks { busy: self.busy - earlier.busy, all: self.all - earlier.all }
+    }
+
+    pub fn add(&mut self, other: CpuTicks) {
+        self.busy += other.busy;
+        self.all += other.all;
+    }
+
+    /// How many CPUs were busy on average, out of `cpus`.
+    pub fn busy_cpus(self, cpus: usize) -> f64 {
+        if self.all == 0 { f64::NAN } else { self.busy as f64 / self.all as f64 * cpus as f64 }
+    }
+}
+
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// The 1, 5 and 15 minute load averages.
 pub fn load_average() -> [f64; 3] {
     let text = read("/proc/loadavg");

@@ -223,6 +223,16 @@ impl Report {
                 p.raw_sequential_cycles_per_s,
                 p.raw_cycles_per_s / p.raw_sequential_cycles_per_s
             );
+            let _ = writeln!(
+                out,
+                "   CPUs busy (whole machine, of {}, steal excluded): plinth sequential {:.2} ({:.1} ms of CPU a cycle), parallel {:.2} ({:.1} ms a cycle, {:.0}% of the machine)",
+                p.cpus,
+                p.plinth_sequential_busy_cpus,
+                p.plinth_sequential_busy_cpus / p.plinth_sequential_cycles_per_s * 1e3,
+                p.plinth_parallel_busy_cpus,
+                p.plinth_parallel_busy_cpus / p.plinth_cycles_per_s * 1e3,
+                p.plinth_parallel_busy_cpus / p.cpus as f64 * 100.0
+            );
         }
         if let Some(d) = &self.data_path {
             let _ = writeln!(
