@@ -107,6 +107,14 @@ impl Node {
             .unwrap()
     }
 
+    /// A volume staged once (so formatted) and unstaged again.
+    fn formatted(&self, name: &str, fs: FsType) -> VolumeRecord {
+        let volume = self.create(name, Some(fs));
+        self.stage(&volume.id, &fs_cap()).unwrap();
+        self.engine.unstage_volume(&volume.id, &self.arg("staging")).unwrap();
+        volume
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join("root").join(name)
     }
@@ -305,9 +313,7 @@ fn xfs_is_always_mounted_nouuid_and_options_reach_mount() {
 #[test]
 fn read_only_stage_mounts_read_only_and_never_grows() {
     let node = Node::new();
-    let volume = node.create("v", Some(FsType::Ext4));
-    node.stage(&volume.id, &fs_cap()).unwrap();
-    node.engine.unstage_volume(&volume.id, &node.arg("staging")).unwrap();
+    let volume = node.formatted("v", FsType::Ext4);
     node.engine.expand_volume(volume.id.as_str(), 128 * MIB as i64, 0).unwrap();
     node.host.clear_calls();
     node.stage(&volume.id, &mount_cap(&[], AccessMode::SingleNodeReaderOnly)).unwrap();
@@ -319,9 +325,7 @@ fn read_only_stage_mounts_read_only_and_never_grows() {
 #[test]
 fn an_ext4_volume_expanded_while_unstaged_grows_before_mounting() {
     let node = Node::new();
-    let volume = node.create("v", Some(FsType::Ext4));
-    node.stage(&volume.id, &fs_cap()).unwrap();
-    node.engine.unstage_volume(&volume.id, &node.arg("staging")).unwrap();
+    let volume = node.formatted("v", FsType::Ext4);
     node.engine.expand_volume(volume.id.as_str(), 128 * MIB as i64, 0).unwrap();
     node.host.clear_calls();
     node.stage(&volume.id, &fs_cap()).unwrap();
@@ -336,9 +340,7 @@ fn an_ext4_volume_expanded_while_unstaged_grows_before_mounting() {
 #[test]
 fn an_xfs_volume_expanded_while_unstaged_grows_after_mounting_and_is_verified() {
     let node = Node::new();
-    let volume = node.create("v", Some(FsType::Xfs));
-    node.stage(&volume.id, &fs_cap()).unwrap();
-    node.engine.unstage_volume(&volume.id, &node.arg("staging")).unwrap();
+    let volume = node.formatted("v", FsType::Xfs);
     let bigger = volume.capacity_bytes + 64 * MIB;
     node.engine.expand_volume(volume.id.as_str(), bigger as i64, 0).unwrap();
 
@@ -351,9 +353,7 @@ fn an_xfs_volume_expanded_while_unstaged_grows_after_mounting_and_is_verified() 
 #[test]
 fn an_xfs_filesystem_whose_format_a_crash_left_unrecorded_is_adopted() {
     let node = Node::new();
-    let volume = node.create("v", Some(FsType::Xfs));
-    node.stage(&volume.id, &fs_cap()).unwrap();
-    node.engine.unstage_volume(&volume.id, &node.arg("staging")).unwrap();
+    let volume = node.formatted("v", FsType::Xfs);
     // What a crash between mkfs and the stage's record leaves: a filesystem the record never saw.
     let mut unrecorded = node.record(&volume.id);
     unrecorded.filesystem_bytes = 0;
@@ -846,9 +846,7 @@ fn a_missing_filesystem_tool_is_reported_before_any_device_work() {
 
     // Formatted already and not outgrown: nothing to run, so it stages.
     let node = Node::new();
-    let volume = node.create("v", Some(FsType::Ext4));
-    node.stage(&volume.id, &fs_cap()).unwrap();
-    node.engine.unstage_volume(&volume.id, &node.arg("staging")).unwrap();
+    let volume = node.formatted("v", FsType::Ext4);
     node.host.uninstall("mkfs.ext4");
     node.stage(&volume.id, &fs_cap()).unwrap();
     node.engine.unstage_volume(&volume.id, &node.arg("staging")).unwrap();
