@@ -234,7 +234,7 @@ impl Engine {
             }
             Probe::Filesystem { fs: found, .. } if found == fs.as_str() => {
                 if record.filesystem_bytes == 0 {
-                    tracing::info!(volume_id = %id, "found the filesystem an interrupted stage made; not formatting");
+                    tracing::info!(volume_id = %id, "found a filesystem the record does not know of (a stage interrupted after mkfs?); adopting it, not formatting");
                 }
                 if fs == FsType::Ext4 && wants_growth(record) {
                     self.host
@@ -294,8 +294,8 @@ impl Engine {
         // its record, `before` already shows the grown size, and this still tells them apart.
         let reference = record.filesystem_usable_bytes.map_or(before, |known| known.min(before));
         // No size on record, yet a filesystem: a stage formatted it and crashed before it could
-        // record that. It was made for the device of that stage, which may be this one, so a
-        // growth that changes nothing is the expected outcome, not a failed one.
+        // record that (or someone put it in the image by hand). Its size is unknown and may be
+        // the device's already, so a growth that changes nothing is no failure.
         let size_unknown = record.filesystem_bytes == 0;
         let below_floor = record.capacity_bytes < fs.smallest_growth_target();
         if size_unknown && below_floor {
