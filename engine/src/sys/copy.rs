@@ -75,14 +75,30 @@ fn copy_range(src: &File, dst: &File, mut offset: u64, end: u64) -> std::io::Res
     Ok(())
 }
 
-fn sparse_copy(src: &File, dst: &File, len: u64) -> std::io::Result<()> {
+/// Calls `each` with every data extent `[start, end)` within the first `len` bytes of `file`,
+/// in order, skipping its holes.
+pub fn for_each_data_extent(
+    file: &File,
+    len: u64,
+    mut each: impl FnMut(u64, u64) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let mut offset = 0;
     while offset < len {
-        let Some(data) = seek(src, offset, libc::SEEK_DATA)? else { break };
-        let hole = seek(src, data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
-        copy_range(src, dst, data, hole)?;
+        let Some(data) = seek(file, offset, libc::SEEK_DATA)? else { break };
+        let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        each(data, hole)?;
         offset = hole;
     }
+    Ok(())
+}
+
+/// Whether `file` has any data extent at all (a filesystem that cannot tell says yes).
+pub fn holds_data(file: &File) -> std::io::Result<bool> {
+    Ok(seek(file, 0, libc::SEEK_DATA)?.is_some())
+}
+
+fn sparse_copy(src: &File, dst: &File, len: u64) -> std::io::Result<()> {
+    for_each_data_extent(src, len, |data, hole| copy_range(src, dst, data, hole))?;
     dst.set_len(len)
 }
 

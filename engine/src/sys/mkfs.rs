@@ -72,14 +72,7 @@ pub(crate) fn parse_blkid_export(text: &str) -> Probe {
 /// file that is all holes reads as zeros, so it holds no signature of any kind. A filesystem
 /// that cannot tell says the whole file is data.
 pub fn holds_data(image: &Path) -> std::io::Result<bool> {
-    use nix::unistd::{Whence, lseek};
-    let file = std::fs::File::open(image)?;
-    match lseek(&file, 0, Whence::SeekData) {
-        Ok(_) => Ok(true),
-        // ENXIO: no data at or after offset 0.
-        Err(nix::errno::Errno::ENXIO) => Ok(false),
-        Err(errno) => Err(errno.into()),
-    }
+    crate::sys::copy::holds_data(&std::fs::File::open(image)?)
 }
 
 /// What is on `device`, the loop device of `image`. An image that holds no data at all is

@@ -85,31 +85,21 @@ fn evict(file: &Path) -> anyhow::Result<()> {
 /// Reads every data extent of `file` once (holes are skipped, as both copies skip them), so the
 /// VM host holds it in its cache before either side of a pair copies it.
 fn prime(file: &Path) -> anyhow::Result<()> {
-    use nix::unistd::{Whence, lseek};
     use std::os::unix::fs::FileExt;
     let handle = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
     let len = handle.metadata()?.len();
     let mut buffer = vec![0u8; 1 << 20];
-    let mut offset = 0u64;
-    while offset < len {
-        let data = match lseek(&handle, offset as i64, Whence::SeekData) {
-            Ok(data) => data as u64,
-            Err(nix::errno::Errno::ENXIO) => break,
-            Err(e) => return Err(e).context("SEEK_DATA"),
-        };
-        let hole = (lseek(&handle, data as i64, Whence::SeekHole).context("SEEK_HOLE")? as u64).min(len);
-        let mut at = data;
-        while at < hole {
-            let want = ((hole - at) as usize).min(buffer.len());
-            let read = handle.read_at(&mut buffer[..want], at)?;
-            if read == 0 {
-                break;
+    plinth_engine::sys::copy::for_each_data_extent(&handle, len, |mut at, end| {
+        while at < end {
+            let want = ((end - at) as usize).min(buffer.len());
+            match handle.read_at(&mut buffer[..want], at)? {
+                0 => break,
+                read => at += read as u64,
             }
-            at += read as u64;
         }
-        offset = hole;
-    }
-    Ok(())
+        Ok(())
+    })
+    .with_context(|| format!("reading {}", file.display()))
 }
 
 /// Flushes the pool filesystem, so no earlier step's writeback runs during the next measurement.
