@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, PersistentVolume};
@@ -27,6 +28,12 @@ use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
 use crate::crd::Volume;
+
+/// How long a Volume this process created counts as on its way to the cache. Watch events
+/// arrive within a second even under a burst; a Volume created and deleted again before its
+/// watch event would otherwise be counted for ever. By then its node has published capacity
+/// that includes it.
+const UNSEEN_FOR: Duration = Duration::from_secs(30);
 
 /// The stores' writing ends, taken once by the reconcilers that feed them.
 pub struct Writers {
@@ -43,8 +50,9 @@ pub struct Caches {
     pub nodes: Store<Node>,
     pub volumes: Store<Volume>,
     pub pvs: Store<PersistentVolume>,
-    /// Volumes created by this process: name → (node, bytes), until the cache has them.
-    placed: Mutex<HashMap<String, (String, i64)>>,
+    /// Volumes created by this process: name → (node, bytes, when), until the cache has them or
+    /// [`UNSEEN_FOR`] has passed.
+    placed: Mutex<HashMap<String, (String, i64, Instant)>>,
     writers: Mutex<Option<Writers>>,
 }
 
@@ -91,15 +99,28 @@ impl Caches {
     /// if it is not created after all, until the returned guard drops without `created`.
     /// Counted before the create: concurrent reconciles choosing at once must see each other.
     pub fn place(&self, name: &str, node: &str, bytes: i64) -> Placed<'_> {
-        self.placed.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_owned(), (node.to_owned(), bytes));
+        let entry = (node.to_owned(), bytes, Instant::now());
+        self.placed.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_owned(), entry);
         Placed { caches: self, name: name.to_owned(), created: false }
     }
 
     /// Volumes created by this process that the cache has not seen yet: (node, bytes).
     pub fn unseen_placements(&self) -> Vec<(String, i64)> {
         let mut placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
-        placed.retain(|name, _| self.volumes.get(&ObjectRef::new(name)).is_none());
-        placed.values().cloned().collect()
+        placed
+            .retain(|name, (_, _, at)| self.volumes.get(&ObjectRef::new(name)).is_none() && at.elapsed() < UNSEEN_FOR);
+        placed.values().map(|(node, bytes, _)| (node.clone(), *bytes)).collect()
+    }
+
+    /// For a Volume this process created and its cache has not seen yet: how much longer to wait
+    /// for it before asking the API server. A claim woken meanwhile (by another writer of the
+    /// claim) then waits for the Volume's watch event instead of creating it again.
+    pub fn unseen_volume(&self, name: &str) -> Option<Duration> {
+        if self.volumes.get(&ObjectRef::new(name)).is_some() {
+            return None;
+        }
+        let placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
+        placed.get(name).and_then(|(_, _, at)| UNSEEN_FOR.checked_sub(at.elapsed())).filter(|left| !left.is_zero())
     }
 
     /// Waits until the class, capacity and node caches hold a first full list.
@@ -188,3 +209,36 @@ pub fn strip_node(node: &mut Node) {
 
 /// Capacities keep their managed fields: their times tell when a node last published.
 pub fn keep_all<K>(_: &mut K) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_created_volume_is_awaited_until_the_cache_has_it() {
+        let caches = Caches::default();
+        caches.place("pvc-1", "node-a", 8).created();
+        let left = caches.unseen_volume("pvc-1").expect("created and not yet seen");
+        assert!(left <= UNSEEN_FOR && left > UNSEEN_FOR - Duration::from_secs(5), "{left:?}");
+        assert_eq!(caches.unseen_placements(), vec![("node-a".to_owned(), 8)]);
+        assert_eq!(caches.unseen_volume("pvc-2"), None, "never requested");
+    }
+
+    #[test]
+    fn a_placement_that_was_not_created_is_forgotten() {
+        let caches = Caches::default();
+        drop(caches.place("pvc-1", "node-a", 8));
+        assert_eq!(caches.unseen_volume("pvc-1"), None);
+        assert!(caches.unseen_placements().is_empty());
+    }
+
+    #[test]
+    fn an_unseen_volume_stops_counting_after_a_while() {
+        let caches = Caches::default();
+        caches.place("pvc-1", "node-a", 8).created();
+        let long_ago = Instant::now().checked_sub(UNSEEN_FOR).expect("monotonic clock well past its start");
+        caches.placed.lock().unwrap().get_mut("pvc-1").unwrap().2 = long_ago;
+        assert_eq!(caches.unseen_volume("pvc-1"), None, "ask the API server again");
+        assert!(caches.unseen_placements().is_empty(), "no longer held against node-a's capacity");
+    }
+}

@@ -13,6 +13,7 @@ pub mod crd;
 pub mod csi_controller;
 pub mod csi_snapshots;
 pub mod data_source;
+pub mod event_queue;
 pub mod group_contents;
 pub mod leader;
 pub mod modify;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{self, Action, Controller};
@@ -37,6 +37,7 @@ use crate::backoff::Backoff;
 use crate::cache::{self, Caches};
 use crate::crd::{ClaimRef, Phase, Volume, VolumeMode, VolumeSpec};
 use crate::data_source::{self, Source};
+use crate::event_queue::{Activity, EventQueue};
 use crate::keys::{PROVISIONED_BY, SELECTED_NODE};
 use crate::{Error, Result};
 use crate::{modify, volumes};
@@ -48,40 +49,22 @@ pub struct Context {
     pub backoff: Backoff,
     /// What the claim reconciler reads on every pass (see `cache`).
     pub caches: Caches,
-    /// Events waiting to be written, in order (see [`write_events`]).
-    events: tokio::sync::mpsc::Sender<(Event, ObjectReference)>,
-}
-
-/// Events being written at once. Few: under a burst, the writes that move claims forward go
-/// first and the events follow (all of this process's requests share one API server queue).
-const EVENTS_IN_FLIGHT: usize = 2;
-/// Events waiting beyond those: a flood past this many drops new events (logged), so memory
-/// stays bounded whatever is raised.
-const EVENTS_QUEUED: usize = 1024;
-
-/// Writes queued events in order, at most [`EVENTS_IN_FLIGHT`] at a time, until the queue closes.
-async fn write_events(recorder: Recorder, mut queue: tokio::sync::mpsc::Receiver<(Event, ObjectReference)>) {
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(EVENTS_IN_FLIGHT));
-    while let Some((event, reference)) = queue.recv().await {
-        let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else { return };
-        let recorder = recorder.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(error) = recorder.publish(&event, &reference).await {
-                tracing::warn!(%error, "recording an event failed");
-            }
-        });
-    }
+    /// Events, written after the claim work they would slow down (see `event_queue`).
+    events: EventQueue,
+    /// Claim reconciles under way: what events wait for.
+    activity: Arc<Activity>,
+    /// Permits to request a new Volume (see [`PLACEMENTS_AT_ONCE`]).
+    placements: tokio::sync::Semaphore,
 }
 
 impl Context {
     pub fn new(client: kube::Client, instance: &str, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter { controller: "plinth-controller".into(), instance: Some(instance.into()) };
         let backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
-        let recorder = Recorder::new(client.clone(), reporter);
-        let (events, queue) = tokio::sync::mpsc::channel(EVENTS_QUEUED);
-        tokio::spawn(write_events(recorder, queue));
-        Self { client, metrics, backoff, caches: Caches::default(), events }
+        let activity = Arc::new(Activity::default());
+        let events = EventQueue::start(Recorder::new(client.clone(), reporter), Arc::clone(&activity));
+        let placements = tokio::sync::Semaphore::new(PLACEMENTS_AT_ONCE);
+        Self { client, metrics, backoff, caches: Caches::default(), events, activity, placements }
     }
 
     /// Records an event about `object` (a claim, a snapshot content) in the background: an event
@@ -90,9 +73,7 @@ impl Context {
     pub async fn event<K: Resource<DynamicType = ()>>(&self, object: &K, type_: EventType, reason: &str, note: String) {
         let event =
             Event { type_, reason: reason.into(), note: Some(note), action: "Provision".into(), secondary: None };
-        if let Err(error) = self.events.try_send((event, object.object_ref(&()))) {
-            tracing::warn!(reason, %error, "an event was not recorded: too many are waiting");
-        }
+        self.events.raise(event, object.object_ref(&()));
     }
 }
 
@@ -290,6 +271,7 @@ async fn point_claim(claims: &Api<PersistentVolumeClaim>, claim: &PersistentVolu
 }
 
 async fn reconcile_claim(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> Result<Action> {
+    let _working = ctx.activity.begin();
     let result = reconcile_claim_inner(&claim, &ctx).await;
     ctx.metrics.record_reconcile("claims", result.is_ok());
     ctx.backoff.observe(claim.as_ref(), result)
@@ -447,6 +429,11 @@ async fn reconcile_claim_inner(claim: &PersistentVolumeClaim, ctx: &Context) -> 
     let volume = match ctx.caches.volume(&name) {
         Some(volume) => volume,
         None => {
+            if let Some(wait) = ctx.caches.unseen_volume(&name) {
+                // Requested a moment ago; its watch event brings the claim back.
+                return Ok(Action::requeue(wait));
+            }
+            let _permit = ctx.placements.acquire().await.map_err(|e| Error::Invalid(e.to_string()))?;
             let (node, source) = match place(ctx, claim, &class, bytes).await? {
                 Placement::On { node, source } => (node, source),
                 Placement::Wait(action) => return Ok(action),
@@ -663,10 +650,16 @@ pub fn error_policy<K: Resource<DynamicType = ()>>(object: Arc<K>, error: &Error
     Action::requeue(delay)
 }
 
-/// Claims reconciled at once. A reconcile is a few API calls, and the API server is what a burst
-/// waits for: unbounded, 100 claims advance in lockstep, each waiting for all; bounded, the
-/// first ones bind while later ones queue, at the same throughput.
-const CLAIMS_AT_ONCE: u16 = 16;
+/// Claims reconciled at once: enough that a claim whose Volume is ready never waits behind claims
+/// still to be placed (those wait for a placement permit instead). A bound, so that a flood of
+/// claims is not a flood of tasks.
+const CLAIMS_AT_ONCE: u16 = 512;
+
+/// Claims requesting a new Volume at once. Under a burst the API server is what every claim
+/// waits for; few placements at a time leave its time to the claims that are further along, so
+/// claims are Bound in the order they came, instead of all advancing step by step together and
+/// the first one finishing with the last.
+const PLACEMENTS_AT_ONCE: usize = 4;
 
 /// Runs both reconcilers until shutdown.
 pub async fn run(ctx: Arc<Context>) {
