@@ -112,6 +112,13 @@ impl Caches {
         placed.values().map(|(node, bytes, _)| (node.clone(), *bytes)).collect()
     }
 
+    /// The Volume stream delivered `name` (made, changed or deleted): it is no longer on its way.
+    /// Without this, a Volume seen and deleted between two looks at the store would count as
+    /// still coming.
+    pub fn saw_volume(&self, name: &str) {
+        self.placed.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+    }
+
     /// For a Volume this process created and its cache has not seen yet: how much longer to wait
     /// for it before asking the API server. A claim woken meanwhile (by another writer of the
     /// claim) then waits for the Volume's watch event instead of creating it again.
@@ -222,6 +229,16 @@ mod tests {
         assert!(left <= UNSEEN_FOR && left > UNSEEN_FOR - Duration::from_secs(5), "{left:?}");
         assert_eq!(caches.unseen_placements(), vec![("node-a".to_owned(), 8)]);
         assert_eq!(caches.unseen_volume("pvc-2"), None, "never requested");
+    }
+
+    #[test]
+    fn a_volume_the_stream_delivered_is_no_longer_awaited() {
+        let caches = Caches::default();
+        caches.place("pvc-1", "node-a", 8).created();
+        // Seen and deleted again before anyone looked: the store does not have it, the stream did.
+        caches.saw_volume("pvc-1");
+        assert_eq!(caches.unseen_volume("pvc-1"), None, "a claim whose Volume was deleted is placed again at once");
+        assert!(caches.unseen_placements().is_empty());
     }
 
     #[test]

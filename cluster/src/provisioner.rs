@@ -677,7 +677,13 @@ pub async fn run(ctx: Arc<Context>) {
     };
     // Volumes and PVs are cached by the streams that trigger the reconcilers, so a reconcile
     // woken by a change reads that change from the cache.
-    let volumes = cache::reflect(Api::<Volume>::all(client.clone()), writers.volumes, cache::strip_managed_fields);
+    let seen = Arc::clone(&ctx);
+    let volumes = cache::reflect(Api::<Volume>::all(client.clone()), writers.volumes, cache::strip_managed_fields)
+        .inspect(move |event| {
+            if let Ok(volume) = event {
+                seen.caches.saw_volume(&volume.name_any());
+            }
+        });
     let pvs = cache::reflect(Api::<PersistentVolume>::all(client.clone()), writers.pvs, cache::strip_managed_fields);
     let reconcilers = async {
         ctx.caches.wait_until_ready().await;
