@@ -26,7 +26,7 @@ pub async fn client(opts: &ServerOpts) -> anyhow::Result<Option<kube::Client>> {
         None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => kube::Config::incluster()?,
         None => return Ok(None),
     };
-    Ok(Some(kube::Client::try_from(config)?))
+    Ok(Some(plinth_cluster::api_client::connect(config)?))
 }
 
 fn identity(opts: &ServerOpts) -> String {

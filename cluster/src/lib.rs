@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod agent_snapshots;
+pub mod api_client;
 pub mod backoff;
 pub mod cache;
 pub mod capacity;

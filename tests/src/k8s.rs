@@ -334,23 +334,33 @@ impl ControlPlane {
         std::fs::write(&self.kubeconfig, text).expect("write kubeconfig");
     }
 
-    /// A kubeconfig that acts as a service account (impersonation), so a plinth process under
-    /// test has exactly the RBAC deploy/ grants it.
-    pub fn kubeconfig_as_service_account(&self, namespace: &str, name: &str) -> PathBuf {
-        let text = std::fs::read_to_string(&self.kubeconfig).expect("admin kubeconfig");
-        // The groups a real service-account token carries: API Priority and Fairness classifies
-        // by them (service accounts → workload-low), as RBAC may.
-        let identity = [
-            format!("    as: system:serviceaccount:{namespace}:{name}"),
-            "    as-groups:".to_owned(),
-            "    - system:serviceaccounts".to_owned(),
-            format!("    - system:serviceaccounts:{namespace}"),
-            "    - system:authenticated".to_owned(),
-            "    client-key:".to_owned(),
-        ];
-        let impersonating = text.replace("    client-key:", &identity.join("\n"));
+    /// A kubeconfig that authenticates as a service account the way a pod does: with a token
+    /// the TokenRequest API issued for it (valid 2 hours), so a plinth process under test has
+    /// exactly the RBAC deploy/ grants it and costs the API server what it costs in a cluster.
+    /// The account must exist.
+    pub async fn kubeconfig_with_token(&self, client: &kube::Client, namespace: &str, name: &str) -> PathBuf {
+        use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        let accounts: kube::Api<ServiceAccount> = kube::Api::namespaced(client.clone(), namespace);
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec { expiration_seconds: Some(7200), ..Default::default() }),
+            ..Default::default()
+        };
+        let issued = accounts
+            .create_token_request(name, &Default::default(), &request)
+            .await
+            .unwrap_or_else(|e| panic!("a token for service account {namespace}/{name}: {e}"));
+        let token = issued.status.and_then(|s| s.token).expect("TokenRequest status with a token");
+        let ca = self.ca_file();
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\n\
+             users:\n- name: {name}\n  user:\n    token: {token}\n\
+             contexts:\n- name: test\n  context:\n    cluster: test\n    user: {name}\ncurrent-context: test\n",
+            server = self.server,
+            ca = ca.display(),
+        );
         let path = self.dir.path().join(format!("{name}.kubeconfig"));
-        std::fs::write(&path, impersonating).expect("write kubeconfig");
+        std::fs::write(&path, text).expect("write kubeconfig");
         path
     }
 
@@ -406,7 +416,7 @@ impl ControlPlane {
         let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
             .await
             .map_err(|e| e.to_string())?;
-        kube::Client::try_from(config).map_err(|e| e.to_string())
+        plinth_cluster::api_client::connect(config).map_err(|e| e.to_string())
     }
 
     /// A cluster-admin client.
@@ -437,6 +447,41 @@ impl ControlPlane {
     pub fn api_port(&self) -> u16 {
         self.server.rsplit(':').next().and_then(|port| port.parse().ok()).expect("server URL has a port")
     }
+}
+
+/// The established TCP connections process `pid` holds to `port` on this host: its socket fds
+/// matched against the kernel's TCP tables (IPv4 and IPv6) by inode.
+pub fn connections_to(pid: i32, port: u16) -> usize {
+    let sockets: std::collections::BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                .filter_map(|target| {
+                    let target = target.to_string_lossy().into_owned();
+                    Some(target.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let wanted_port = format!("{port:04X}");
+    ["tcp", "tcp6"]
+        .iter()
+        .flat_map(|table| {
+            std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .filter(|line| {
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 9
+                && fields[2].rsplit(':').next() == Some(wanted_port.as_str())
+                && fields[3] == "01"
+                && sockets.contains(fields[9])
+        })
+        .count()
 }
 
 /// When a test fails (or `PLINTH_TEST_KEEP_LOGS` is set, for benchmarks) and `PLINTH_TEST_LOGS`

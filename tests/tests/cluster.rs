@@ -1,8 +1,8 @@
 //! Cluster mode on a real control plane: three simulated nodes (Node objects plus a
 //! `plinth node` process each, with its own pool and socket), two leader-elected
 //! `plinth controller` replicas, the real PV controller binding what plinth provisions. Every
-//! plinth process acts through a kubeconfig that impersonates its service account, so deploy/'s
-//! RBAC is exercised for real. The snapshot tests add what a cluster admin installs — the
+//! plinth process authenticates with a token issued for its service account (TokenRequest), as
+//! in a pod, so deploy/'s RBAC is exercised for real. The snapshot tests add what a cluster admin installs — the
 //! external-snapshotter CRDs and the common snapshot-controller (v8.7.0, from the Go module proxy)
 //! — and deploy/snapshots/; the sidecar test runs the real csi-provisioner, csi-snapshotter and
 //! csi-resizer against plinth's CSI Controller instead of plinth's own reconcilers.
@@ -41,6 +41,9 @@ struct Cluster {
     client: Client,
     sandbox: Sandbox,
     plane: ControlPlane,
+    /// Token kubeconfigs of the node agents' and the controllers' service accounts.
+    node_kubeconfig: PathBuf,
+    controller_kubeconfig: PathBuf,
 }
 
 impl Drop for Cluster {
@@ -62,7 +65,7 @@ impl Cluster {
     }
 
     fn start_node_with(&mut self, node: &str, pool: &str, env: &[(&str, &str)]) {
-        let kubeconfig = self.plane.kubeconfig_as_service_account("plinth-system", "plinth-node");
+        let kubeconfig = self.node_kubeconfig.clone();
         let process = Plinth::start_with_env(
             &self.node_socket(node),
             &self.sandbox.root(),
@@ -80,7 +83,7 @@ impl Cluster {
     }
 
     fn start_controller_with(&mut self, index: usize, env: &[(&str, &str)]) {
-        let kubeconfig = self.plane.kubeconfig_as_service_account("plinth-system", "plinth-controller");
+        let kubeconfig = self.controller_kubeconfig.clone();
         let identity = format!("controller-{index}");
         let process = Plinth::start_with_env(
             &self.sandbox.path().join(format!("{identity}.sock")),
@@ -169,8 +172,18 @@ async fn setup_with(snapshots: bool, lease_holder: Option<&str>) -> Cluster {
             "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
         nodes.patch_status(node, &PatchParams::default(), &Patch::Merge(&ready)).await.unwrap();
     }
+    let node_kubeconfig = plane.kubeconfig_with_token(&client, "plinth-system", "plinth-node").await;
+    let controller_kubeconfig = plane.kubeconfig_with_token(&client, "plinth-system", "plinth-controller").await;
     let sandbox = Sandbox::new();
-    let mut cluster = Cluster { plane, sandbox, client, nodes: BTreeMap::new(), controllers: Vec::new() };
+    let mut cluster = Cluster {
+        plane,
+        sandbox,
+        client,
+        nodes: BTreeMap::new(),
+        controllers: Vec::new(),
+        node_kubeconfig,
+        controller_kubeconfig,
+    };
     PROBLEMS_DIR.with(|d| *d.borrow_mut() = Some(cluster.sandbox.path().to_owned()));
     for (node, pool) in [("node-a", "2GiB"), ("node-b", "2GiB"), ("node-c", "256MiB")] {
         cluster.start_node(node, pool);
@@ -369,6 +382,19 @@ async fn cluster_mode_provisions_binds_reclaims_expands_and_fails_over() {
         bound.insert(name.clone(), pv);
     }
     assert_eq!(bound.len(), 30);
+
+    // Every plinth process multiplexes its watches and requests on one HTTP/2 connection to the
+    // API server (api_client.rs); over HTTP/1.1 each watch alone would hold one.
+    let api_port = cluster.plane.api_port();
+    let processes = cluster
+        .nodes
+        .iter()
+        .map(|(node, p)| (node.clone(), p.pid()))
+        .chain(cluster.controllers.iter().flatten().enumerate().map(|(i, p)| (format!("controller-{i}"), p.pid())));
+    for (process, pid) in processes {
+        let connections = k8s::connections_to(pid, api_port);
+        assert_eq!(connections, 1, "{process} (pid {pid}) holds {connections} connections to the API server");
+    }
 
     // Act as kubelet on an ext4, an xfs and a block volume.
     for name in ["wffc-0", "xfs-1", "block-2"] {
