@@ -18,7 +18,7 @@ use std::fmt::Debug;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt};
+use futures::{SinkExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, PersistentVolume};
 use k8s_openapi::api::storage::v1::{CSIStorageCapacity, StorageClass};
 use kube::api::Api;
@@ -188,6 +188,44 @@ where
     watcher(api, watcher::Config::default()).default_backoff().modify(strip).reflect(writer).touched_objects()
 }
 
+/// Hands every object `stream` yields to two consumers, so two reconcilers triggered by the same
+/// kind share one watch: the API server sends each change once, and it is decoded once. The
+/// returned future drives the stream (run it beside both consumers); watch errors, which the
+/// watcher retries itself, are logged there. The halves are bounded: a consumer that stopped
+/// polling would hold the other back, and kube-runtime's controllers poll their triggers all the
+/// time.
+pub fn split<K, S>(
+    stream: S,
+) -> (
+    impl Future<Output = ()> + Send,
+    impl Stream<Item = Result<K, watcher::Error>>,
+    impl Stream<Item = Result<K, watcher::Error>>,
+)
+where
+    K: Resource<DynamicType = ()> + Clone + Send + 'static,
+    S: Stream<Item = Result<K, watcher::Error>> + Send,
+{
+    let (mut first_tx, first) = futures::channel::mpsc::channel::<K>(SPLIT_BUFFER);
+    let (mut second_tx, second) = futures::channel::mpsc::channel::<K>(SPLIT_BUFFER);
+    let drive = async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                // A consumer that is gone (shutdown) no longer needs the objects.
+                Ok(object) => {
+                    let _ = first_tx.send(object.clone()).await;
+                    let _ = second_tx.send(object).await;
+                }
+                Err(error) => tracing::warn!(%error, kind = %K::kind(&()), "watch failed; retrying"),
+            }
+        }
+    };
+    (drive, first.map(Ok), second.map(Ok))
+}
+
+/// Objects a consumer of [`split`] may lag behind the watch (it blocks the other beyond that).
+const SPLIT_BUFFER: usize = 1024;
+
 /// Runs a feed that only fills its store, until the watch ends (it retries errors itself).
 pub async fn feed<K>(api: Api<K>, writer: Writer<K>, strip: fn(&mut K))
 where
@@ -220,6 +258,26 @@ pub fn keep_all<K>(_: &mut K) {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pv(name: &str) -> PersistentVolume {
+        PersistentVolume {
+            metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn both_halves_of_a_split_watch_get_every_object_in_order() {
+        let events =
+            futures::stream::iter(vec![Ok(pv("a")), Err(watcher::Error::NoResourceVersion), Ok(pv("b")), Ok(pv("c"))]);
+        let (drive, first, second) = split(events);
+        let names = |half: Vec<Result<PersistentVolume, watcher::Error>>| -> Vec<String> {
+            half.into_iter().map(|event| event.expect("only objects reach a half").name_any()).collect()
+        };
+        let ((), first, second) = futures::join!(drive, first.collect::<Vec<_>>(), second.collect::<Vec<_>>());
+        assert_eq!(names(first), ["a", "b", "c"]);
+        assert_eq!(names(second), ["a", "b", "c"]);
+    }
 
     #[test]
     fn a_created_volume_is_awaited_until_the_cache_has_it() {

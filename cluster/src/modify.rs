@@ -187,7 +187,7 @@ pub async fn reconcile_claim(ctx: &Context, claim: &PersistentVolumeClaim, pv: &
         // Rolled back to no class before anything started.
         if conditions_without_modify(claim).len() != status.conditions.as_ref().map_or(0, Vec::len) {
             patch_claim_status(ctx, claim, json!({ "conditions": conditions_without_modify(claim) })).await?;
-            ctx.event(claim, EventType::Normal, "VolumeModifyCanceled", "Cancelled modify.".into()).await;
+            ctx.event(claim, EventType::Normal, "VolumeModifyCanceled", "Cancelled modify.".into());
         }
         return Ok(Action::await_change());
     }
@@ -213,7 +213,7 @@ pub async fn reconcile_claim(ctx: &Context, claim: &PersistentVolumeClaim, pv: &
                 let pending = json!({ "status": "Pending", "targetVolumeAttributesClassName": target });
                 patch_claim_status(ctx, claim, json!({ "modifyVolumeStatus": pending })).await?;
                 let note = format!("VAC {class:?} does not exist.");
-                ctx.event(claim, EventType::Warning, "VolumeModifyFailed", note).await;
+                ctx.event(claim, EventType::Warning, "VolumeModifyFailed", note);
             }
             return Err(Error::Waiting(format!("VolumeAttributesClass {class} to exist")));
         }
@@ -230,7 +230,7 @@ pub async fn reconcile_claim(ctx: &Context, claim: &PersistentVolumeClaim, pv: &
         let progress = json!({ "status": "InProgress", "targetVolumeAttributesClassName": target });
         patch_claim_status(ctx, claim, json!({ "modifyVolumeStatus": progress, "conditions": conditions })).await?;
         let note = format!("plinth is modifying volume {} with vac {target}", claim.name_any());
-        ctx.event(claim, EventType::Normal, "VolumeModify", note).await;
+        ctx.event(claim, EventType::Normal, "VolumeModify", note);
     }
     match request(&ctx.client, &volume, changes).await {
         // The agent's status change brings the claim back (Volumes are watched).
@@ -246,7 +246,7 @@ pub async fn reconcile_claim(ctx: &Context, claim: &PersistentVolumeClaim, pv: &
             });
             patch_claim_status(ctx, claim, done).await?;
             let note = format!("plinth modified volume {} with vac {target} successfully", claim.name_any());
-            ctx.event(claim, EventType::Normal, "VolumeModifySuccessful", note).await;
+            ctx.event(claim, EventType::Normal, "VolumeModifySuccessful", note);
             Ok(Action::await_change())
         }
         Err(error) => fail(ctx, claim, &target, error).await,
@@ -269,7 +269,7 @@ async fn fail(ctx: &Context, claim: &PersistentVolumeClaim, target: &str, error:
     let state = if infeasible { "Infeasible" } else { "InProgress" };
     let status = json!({ "status": state, "targetVolumeAttributesClassName": target });
     patch_claim_status(ctx, claim, json!({ "modifyVolumeStatus": status, "conditions": conditions })).await?;
-    ctx.event(claim, EventType::Warning, "VolumeModifyFailed", message.clone()).await;
+    ctx.event(claim, EventType::Warning, "VolumeModifyFailed", message.clone());
     if infeasible { Ok(Action::await_change()) } else { Err(Error::Invalid(message)) }
 }
 

@@ -70,7 +70,7 @@ impl Context {
     /// Records an event about `object` (a claim, a snapshot content) in the background: an event
     /// is for people, so the reconcile that reports it does not wait for its write. Failures,
     /// and events dropped from a full queue, are only logged.
-    pub async fn event<K: Resource<DynamicType = ()>>(&self, object: &K, type_: EventType, reason: &str, note: String) {
+    pub fn event<K: Resource<DynamicType = ()>>(&self, object: &K, type_: EventType, reason: &str, note: String) {
         let event =
             Event { type_, reason: reason.into(), note: Some(note), action: "Provision".into(), secondary: None };
         self.events.raise(event, object.object_ref(&()));
@@ -298,10 +298,10 @@ async fn place(ctx: &Context, claim: &PersistentVolumeClaim, class: &StorageClas
             let note =
                 format!("cannot provision from the claim's data source: {}", plinth_controller::rpc::chain(&error));
             if error.may_resolve() {
-                ctx.event(claim, EventType::Normal, "Provisioning", note.clone()).await;
+                ctx.event(claim, EventType::Normal, "Provisioning", note.clone());
                 return Err(Error::Waiting(note));
             }
-            ctx.event(claim, EventType::Warning, "ProvisioningFailed", note).await;
+            ctx.event(claim, EventType::Warning, "ProvisioningFailed", note);
             return Ok(Placement::Wait(Action::await_change()));
         }
     };
@@ -316,7 +316,7 @@ async fn place(ctx: &Context, claim: &PersistentVolumeClaim, class: &StorageClas
                  node-local, so the claim must be used on node {}; asking the scheduler to choose again",
                 source.describe, source.node, source.node
             );
-            ctx.event(claim, EventType::Warning, "ProvisioningFailed", note).await;
+            ctx.event(claim, EventType::Warning, "ProvisioningFailed", note);
             clear_selected_node(ctx, claim).await?;
             return Ok(Placement::Wait(Action::await_change()));
         }
@@ -331,7 +331,7 @@ async fn place(ctx: &Context, claim: &PersistentVolumeClaim, class: &StorageClas
             let class_name = class.name_any();
             let note =
                 format!("no Ready node with the plinth agent has {bytes} bytes free for class {class_name}; retrying");
-            ctx.event(claim, EventType::Warning, "ProvisioningFailed", note.clone()).await;
+            ctx.event(claim, EventType::Warning, "ProvisioningFailed", note.clone());
             Err(Error::Waiting(note))
         }
     }
@@ -360,7 +360,7 @@ async fn volume_spec(
         Ok(parameters) => parameters,
         Err(error) => {
             let note = format!("StorageClass {class_name} has parameters plinth cannot use: {error}");
-            ctx.event(claim, EventType::Warning, "ProvisioningFailed", note).await;
+            ctx.event(claim, EventType::Warning, "ProvisioningFailed", note);
             return Ok(Err(Action::await_change()));
         }
     };
@@ -373,7 +373,7 @@ async fn volume_spec(
             Ok(changes) => provisioning = changes.provisioning.unwrap_or(provisioning),
             Err(error) => {
                 let note = format!("VolumeAttributesClass {vac}: {}", plinth_controller::rpc::chain(&error));
-                ctx.event(claim, EventType::Warning, "ProvisioningFailed", note.clone()).await;
+                ctx.event(claim, EventType::Warning, "ProvisioningFailed", note.clone());
                 if matches!(error, modify::ModifyError::ClassMissing(_)) {
                     return Err(Error::Waiting(note));
                 }
@@ -453,7 +453,7 @@ async fn reconcile_claim_inner(claim: &PersistentVolumeClaim, ctx: &Context) -> 
             // (an event per step would be a fifth of a burst's API writes).
             if created && !described.is_empty() {
                 let note = format!("creating volume {name} on node {node}{described}");
-                ctx.event(claim, EventType::Normal, "Provisioning", note).await;
+                ctx.event(claim, EventType::Normal, "Provisioning", note);
             }
             volume
         }
@@ -469,8 +469,7 @@ async fn reconcile_claim_inner(claim: &PersistentVolumeClaim, ctx: &Context) -> 
                         EventType::Normal,
                         "ProvisioningSucceeded",
                         format!("provisioned volume {name} on node {}", volume.spec.node),
-                    )
-                    .await;
+                    );
                     pv
                 }
                 // Made by an earlier attempt: bind to what is stored, not to what was asked.
@@ -484,7 +483,7 @@ async fn reconcile_claim_inner(claim: &PersistentVolumeClaim, ctx: &Context) -> 
         Some(Phase::Failed) => {
             let why = volume.status.as_ref().and_then(|s| s.message.clone()).unwrap_or_default();
             let note = format!("node {} could not create the volume: {why}", volume.spec.node);
-            ctx.event(claim, EventType::Warning, "ProvisioningFailed", note.clone()).await;
+            ctx.event(claim, EventType::Warning, "ProvisioningFailed", note.clone());
             let wait_for_consumer = class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer");
             if !wait_for_consumer && volume.spec.content_source.is_none() {
                 // Let another node be chosen; the agent drops the finalizer once nothing is left.
@@ -558,8 +557,7 @@ async fn expand(
             EventType::Warning,
             "ExpansionFailed",
             format!("class {} does not allow expansion", class.name_any()),
-        )
-        .await;
+        );
         return Ok(None);
     }
     let Some(volume) = volumes::api(&ctx.client).get_opt(pv_name).await? else {
@@ -568,7 +566,7 @@ async fn expand(
     if volume.spec.size_bytes < requested {
         volumes::request_growth(&ctx.client, pv_name, requested).await?;
         failpoint::check("expand.growth_requested")?;
-        ctx.event(claim, EventType::Normal, "Resizing", format!("growing volume {pv_name} to {requested} bytes")).await;
+        ctx.event(claim, EventType::Normal, "Resizing", format!("growing volume {pv_name} to {requested} bytes"));
         // The agent's report brings the claim back (Volumes are watched).
         return Ok(Some(Action::await_change()));
     }
@@ -577,7 +575,7 @@ async fn expand(
         let failed = volume.status.as_ref().is_some_and(|s| s.phase == Some(Phase::Failed));
         if failed {
             let why = volume.status.as_ref().and_then(|s| s.message.clone()).unwrap_or_default();
-            ctx.event(claim, EventType::Warning, "ExpansionFailed", why.clone()).await;
+            ctx.event(claim, EventType::Warning, "ExpansionFailed", why.clone());
             return Err(Error::Waiting(format!("room to grow volume {pv_name}: {why}")));
         }
         return Ok(Some(Action::await_change()));
@@ -604,8 +602,7 @@ async fn expand(
         EventType::Normal,
         "FileSystemResizeRequired",
         format!("volume {pv_name} grew to {grown} bytes; kubelet finishes on the node"),
-    )
-    .await;
+    );
     Ok(Some(Action::await_change()))
 }
 
@@ -684,6 +681,8 @@ pub async fn run(ctx: Arc<Context>) {
                 seen.caches.saw_volume(&volume.name_any());
             }
         });
+    // One Volume watch triggers both reconcilers.
+    let (volume_watch, volumes, volumes_for_releases) = cache::split(volumes);
     let pvs = cache::reflect(Api::<PersistentVolume>::all(client.clone()), writers.pvs, cache::strip_managed_fields);
     let reconcilers = async {
         ctx.caches.wait_until_ready().await;
@@ -696,14 +695,14 @@ pub async fn run(ctx: Arc<Context>) {
             .run(reconcile_claim, error_policy, Arc::clone(&ctx))
             .for_each(|_| async {});
         let releases = Controller::for_stream(pvs, ctx.caches.pvs.clone())
-            .watches(Api::<Volume>::all(client.clone()), watcher::Config::default(), |volume: Volume| {
+            .watches_stream(volumes_for_releases, |volume: Volume| {
                 Some(ObjectRef::<PersistentVolume>::new(&volume.name_any()))
             })
             .run(reconcile_volume_release, error_policy, Arc::clone(&ctx))
             .for_each(|_| async {});
         futures::join!(claims, releases);
     };
-    futures::join!(feeds, reconcilers);
+    futures::join!(feeds, volume_watch, reconcilers);
 }
 
 #[cfg(test)]

@@ -129,7 +129,7 @@ where
         let status = json!({ "error": { "message": message, "time": now() }, "readyToUse": false });
         patch_status(&Api::<K>::all(ctx.client.clone()), content, status).await?;
     }
-    ctx.event(content, EventType::Warning, reason, message.clone()).await;
+    ctx.event(content, EventType::Warning, reason, message.clone());
     Err(Error::Invalid(message))
 }
 
