@@ -81,15 +81,18 @@ async fn random_op(world: &World, rng: &mut Rng, client: usize, round: u64) {
             };
             if published.is_ok() {
                 // Written through the kernel, not through plinth: a plinth crash cannot lose it.
+                // The record is held across the write, so the write recorded last is the one
+                // that reached the file last (two clients may write the same volume).
                 let content = format!("client {client} round {round}\n").into_bytes();
                 let path = target.join("payload");
+                let mut record = world.written.lock().unwrap();
                 let written = std::fs::File::create(&path).and_then(|mut f| {
                     use std::io::Write;
                     f.write_all(&content)?;
                     f.sync_all()
                 });
                 if written.is_ok() {
-                    world.written.lock().unwrap().insert(name.to_owned(), content);
+                    record.insert(name.to_owned(), content);
                 }
             }
             published
