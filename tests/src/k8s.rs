@@ -81,6 +81,8 @@ pub struct Options {
 pub struct ControlPlane {
     dir: tempfile::TempDir,
     processes: Vec<(String, Child)>,
+    /// How each process was started (program, arguments), for `restart`.
+    commands: Vec<(String, std::ffi::OsString, Vec<std::ffi::OsString>)>,
     pub kubeconfig: PathBuf,
     pub server: String,
 }
@@ -187,6 +189,7 @@ impl ControlPlane {
             kubeconfig: dir.path().join("admin.kubeconfig"),
             server: String::new(),
             processes: Vec::new(),
+            commands: Vec::new(),
             dir,
         };
         let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
@@ -305,7 +308,16 @@ impl ControlPlane {
     /// Runs `command` beside the control plane (its output in `<name>.log` in the plane's dir,
     /// stopped with the plane): how the tests run cluster infrastructure such as sidecars.
     pub fn spawn(&mut self, name: &str, command: &mut Command) {
-        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))
+            .expect("log file");
+        self.commands.push((
+            name.to_owned(),
+            command.get_program().to_owned(),
+            command.get_args().map(ToOwned::to_owned).collect(),
+        ));
         // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
         unsafe {
             command.pre_exec(|| {
@@ -319,6 +331,20 @@ impl ControlPlane {
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
         self.processes.push((name.to_owned(), child));
+    }
+
+    /// Kills kube-apiserver (SIGKILL, as a crash) and starts it again with the same arguments on
+    /// the same port; returns once it is ready. etcd keeps the state.
+    pub async fn restart_apiserver(&mut self) {
+        let name = "kube-apiserver";
+        let at = self.processes.iter().position(|(n, _)| n == name).expect("kube-apiserver runs");
+        let (_, mut child) = self.processes.remove(at);
+        child.kill().expect("kill kube-apiserver");
+        child.wait().expect("reap kube-apiserver");
+        let at = self.commands.iter().position(|(n, _, _)| n == name).expect("kube-apiserver's command");
+        let (_, program, args) = self.commands.remove(at);
+        self.spawn(name, Command::new(program).args(args));
+        self.wait_ready().await;
     }
 
     fn write_kubeconfig(&self, pki: &Pki) {

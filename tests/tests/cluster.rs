@@ -516,6 +516,48 @@ async fn cluster_mode_provisions_binds_reclaims_expands_and_fails_over() {
     assert_eq!(volume_count, pv_count, "one Volume per PV, never a duplicate");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and the Kubernetes binaries: tests/run-all.sh runs it"]
+async fn plinth_rides_out_a_kube_apiserver_restart() {
+    let mut cluster = setup().await;
+    let client = cluster.client.clone();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    claims.create(&PostParams::default(), &claim("before", "plinth-immediate", 8 * MI, None, false)).await.unwrap();
+    wait_for("claim before bound", Duration::from_secs(60), || bound_volume(&client, "before")).await;
+
+    // Every watch and request of a plinth process rides one HTTP/2 connection (api_client.rs):
+    // the restart breaks them all at once, and they must all come back.
+    cluster.plane.restart_apiserver().await;
+    // A controller that could not renew its Lease while the API server was away exits on purpose;
+    // its Deployment would start it again.
+    for index in 0..cluster.controllers.len() {
+        let exited = cluster.controllers[index].as_mut().is_some_and(|c| c.try_wait().is_some());
+        if exited {
+            cluster.start_controller(index);
+        }
+    }
+    // Claims on both nodes with room: each agent's watch must be back for its claim to bind.
+    let names: Vec<String> = (0..4).map(|i| format!("after-{i}")).collect();
+    for name in &names {
+        claims.create(&PostParams::default(), &claim(name, "plinth-immediate", 8 * MI, None, false)).await.unwrap();
+    }
+    let mut nodes = std::collections::BTreeSet::new();
+    for name in &names {
+        let pv = wait_for(&format!("claim {name} bound after the restart"), Duration::from_secs(90), || {
+            bound_volume(&client, name)
+        })
+        .await;
+        nodes.insert(pv_node(&pv));
+    }
+    assert!(nodes.len() >= 2, "Immediate claims spread over the nodes with room: {nodes:?}");
+    let api_port = cluster.plane.api_port();
+    for (node, process) in &mut cluster.nodes {
+        assert!(process.try_wait().is_none(), "the agent of {node} kept running through the restart");
+        let connections = k8s::connections_to(process.pid(), api_port);
+        assert_eq!(connections, 1, "{node}: one connection to the restarted API server, not {connections}");
+    }
+}
+
 /// Benchmark, not a timed test: 100 claims created at once (concurrently), and for each the time
 /// from its creation (the API's answer to the create) to `Bound` (seen through a watch).
 /// Run with `tests/bench-cluster.sh` (cargo test … -- --ignored --nocapture).
