@@ -348,16 +348,21 @@ impl ControlPlane {
     }
 
     fn write_kubeconfig(&self, pki: &Pki) {
-        let text = format!(
+        let credentials =
+            format!("client-certificate: {}\n    client-key: {}", pki.admin_cert.display(), pki.admin_key.display());
+        std::fs::write(&self.kubeconfig, self.kubeconfig_text(&pki.ca, "admin", &credentials))
+            .expect("write kubeconfig");
+    }
+
+    /// A kubeconfig for this plane's server, as `user` with `credentials` (the user's fields).
+    fn kubeconfig_text(&self, ca: &Path, user: &str, credentials: &str) -> String {
+        format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\n\
-             users:\n- name: admin\n  user:\n    client-certificate: {cert}\n    client-key: {key}\n\
-             contexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\ncurrent-context: test\n",
+             users:\n- name: {user}\n  user:\n    {credentials}\n\
+             contexts:\n- name: test\n  context:\n    cluster: test\n    user: {user}\ncurrent-context: test\n",
             server = self.server,
-            ca = pki.ca.display(),
-            cert = pki.admin_cert.display(),
-            key = pki.admin_key.display(),
-        );
-        std::fs::write(&self.kubeconfig, text).expect("write kubeconfig");
+            ca = ca.display(),
+        )
     }
 
     /// A kubeconfig that authenticates as a service account the way a pod does: with a token
@@ -377,14 +382,7 @@ impl ControlPlane {
             .await
             .unwrap_or_else(|e| panic!("a token for service account {namespace}/{name}: {e}"));
         let token = issued.status.and_then(|s| s.token).expect("TokenRequest status with a token");
-        let ca = self.ca_file();
-        let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\n\
-             users:\n- name: {name}\n  user:\n    token: {token}\n\
-             contexts:\n- name: test\n  context:\n    cluster: test\n    user: {name}\ncurrent-context: test\n",
-            server = self.server,
-            ca = ca.display(),
-        );
+        let text = self.kubeconfig_text(&self.ca_file(), name, &format!("token: {token}"));
         let path = self.dir.path().join(format!("{name}.kubeconfig"));
         std::fs::write(&path, text).expect("write kubeconfig");
         path
