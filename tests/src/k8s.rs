@@ -81,7 +81,7 @@ pub struct Options {
 pub struct ControlPlane {
     dir: tempfile::TempDir,
     processes: Vec<(String, Child)>,
-    /// How each process was started (program, arguments), for `restart`.
+    /// How each process was started (program, arguments), for `restart_apiserver`.
     commands: Vec<(String, std::ffi::OsString, Vec<std::ffi::OsString>)>,
     pub kubeconfig: PathBuf,
     pub server: String,
