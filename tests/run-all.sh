@@ -13,6 +13,13 @@ export PATH="$PATH:/usr/local/go/bin:$HOME/.cargo/bin"
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# A fresh clone gains nothing from incremental compilation; it only costs disk.
+export CARGO_INCREMENTAL=0
+# A run needs about 4 GB of free disk on top of a warm cache (target/ about 2.5 GB, images, pools);
+# a cold cache needs the Kubernetes module downloads and build too. Said up front, so a run that
+# dies of ENOSPC is recognised as one.
+disk_report() { df -h --output=avail,target "$PWD" "$(dirname "$CACHE")" /tmp 2>/dev/null | sed 's/^/    /'; }
+
 if [ "$(id -u)" -ne 0 ]; then
   echo "run the test suite as root: it attaches loop devices and mounts filesystems" >&2
   exit 1
@@ -20,6 +27,9 @@ fi
 
 # What is attached now is not this run's: the leak check at the end compares with it.
 loops_before=$(losetup -a 2>/dev/null | sort || true)
+
+step "free disk at the start"
+disk_report
 
 step "system packages"
 missing=()
@@ -111,3 +121,6 @@ if pgrep -f '/tmp/plinth-node-' >/dev/null; then
 fi
 if ls -d /tmp/plinth-node-* >/dev/null 2>&1; then echo "node dirs left behind:"; ls -d /tmp/plinth-node-*; exit 1; fi
 echo "no loop devices, mounts or processes left behind"
+
+step "free disk at the end"
+disk_report

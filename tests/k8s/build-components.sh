@@ -156,6 +156,9 @@ rm -rf -- "${CACHE_ROOT}"/.partial-* "${CACHE_ROOT}"/k8s-*.old.* "${CACHE_ROOT}"
 # Throwaway wrapper modules go here (outside any repository; on the cache
 # filesystem so a SIGKILLed run's leftovers are swept by the line above).
 WORK=$(mktemp -d "${CACHE_ROOT}/.partial-work.XXXXXX")
+# The binaries are cached by version; Go's build cache for them (several GB for Kubernetes) would
+# only take disk a CI machine needs for the rest of the run, so it lives and dies with WORK.
+export GOCACHE="${WORK}/gocache"
 STAGE_DIRS=()
 STAGE=""
 cleanup() {
