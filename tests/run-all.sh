@@ -119,8 +119,11 @@ fi
 if pgrep -f '/tmp/plinth-node-' >/dev/null; then
   echo "node processes (containerd, shims, kubelet) left behind:"; pgrep -af '/tmp/plinth-node-'; exit 1
 fi
+if iptables -w -S INPUT 2>/dev/null | grep -q plinth-test-silenced; then
+  echo "netfilter rules left behind:"; iptables -w -S INPUT | grep plinth-test-silenced; exit 1
+fi
 if ls -d /tmp/plinth-node-* >/dev/null 2>&1; then echo "node dirs left behind:"; ls -d /tmp/plinth-node-*; exit 1; fi
-echo "no loop devices, mounts or processes left behind"
+echo "no loop devices, mounts, processes or netfilter rules left behind"
 
 step "free disk at the end"
 disk_report

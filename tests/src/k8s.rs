@@ -473,9 +473,14 @@ impl ControlPlane {
     }
 }
 
-/// The established TCP connections process `pid` holds to `port` on this host: its socket fds
-/// matched against the kernel's TCP tables (IPv4 and IPv6) by inode.
+/// The established TCP connections process `pid` holds to `port` on this host.
 pub fn connections_to(pid: i32, port: u16) -> usize {
+    local_ports_to(pid, port).len()
+}
+
+/// The local ports of the established TCP connections process `pid` holds to `port` on this
+/// host: its socket fds matched against the kernel's TCP tables (IPv4 and IPv6) by inode.
+pub fn local_ports_to(pid: i32, port: u16) -> Vec<u16> {
     let sockets: std::collections::BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|fds| {
             fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
@@ -486,7 +491,7 @@ pub fn connections_to(pid: i32, port: u16) -> usize {
                 .collect()
         })
         .unwrap_or_default();
-    let wanted_port = format!("{port:04X}");
+    let port_of = |address: &str| address.rsplit(':').next().and_then(|hex| u16::from_str_radix(hex, 16).ok());
     ["tcp", "tcp6"]
         .iter()
         .flat_map(|table| {
@@ -497,15 +502,81 @@ pub fn connections_to(pid: i32, port: u16) -> usize {
                 .map(str::to_owned)
                 .collect::<Vec<_>>()
         })
-        .filter(|line| {
+        .filter_map(|line| {
             // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
             let fields: Vec<&str> = line.split_whitespace().collect();
-            fields.len() > 9
-                && fields[2].rsplit(':').next() == Some(wanted_port.as_str())
+            let wanted = fields.len() > 9
+                && port_of(fields[2]) == Some(port)
                 && fields[3] == "01"
-                && sockets.contains(fields[9])
+                && sockets.contains(fields[9]);
+            if wanted { port_of(fields[1]) } else { None }
         })
-        .count()
+        .collect()
+}
+
+/// The comment on every netfilter rule a test adds, so a leak check can find them.
+pub const NETFILTER_COMMENT: &str = "plinth-test-silenced";
+
+/// Loopback TCP connections silenced while this lives: netfilter drops their packets both ways,
+/// so neither end hears from the other and nothing resets them — the connection a vanished
+/// server, a dropped NAT entry or a forgetful load balancer leaves behind. New connections to the
+/// same server are not touched. Dropping the guard deletes the rules.
+pub struct SilencedConnections {
+    rules: Vec<Vec<String>>,
+}
+
+impl SilencedConnections {
+    /// Silences the connections from `client_ports` to `server_port` on 127.0.0.1.
+    pub fn new(server_port: u16, client_ports: &[u16]) -> Self {
+        let mut silenced = Self { rules: Vec::new() };
+        for &client in client_ports {
+            for (from, to) in [(client, server_port), (server_port, client)] {
+                let rule: Vec<String> = [
+                    "-p",
+                    "tcp",
+                    "-s",
+                    "127.0.0.1",
+                    "-d",
+                    "127.0.0.1",
+                    "--sport",
+                    &from.to_string(),
+                    "--dport",
+                    &to.to_string(),
+                    "-m",
+                    "comment",
+                    "--comment",
+                    NETFILTER_COMMENT,
+                    "-j",
+                    "DROP",
+                ]
+                .iter()
+                .map(|arg| arg.to_string())
+                .collect();
+                iptables("-I", &rule).unwrap_or_else(|e| panic!("silencing {from} → {to}: {e}"));
+                silenced.rules.push(rule);
+            }
+        }
+        silenced
+    }
+}
+
+impl Drop for SilencedConnections {
+    fn drop(&mut self) {
+        for rule in &self.rules {
+            if let Err(e) = iptables("-D", rule) {
+                eprintln!("could not delete the netfilter rule {rule:?}: {e}");
+            }
+        }
+    }
+}
+
+fn iptables(action: &str, rule: &[String]) -> Result<(), String> {
+    let out = Command::new("iptables")
+        .args(["-w", action, "INPUT"])
+        .args(rule)
+        .output()
+        .map_err(|e| format!("iptables: {e}"))?;
+    if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()) }
 }
 
 /// When a test fails (or `PLINTH_TEST_KEEP_LOGS` is set, for benchmarks) and `PLINTH_TEST_LOGS`

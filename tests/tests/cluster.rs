@@ -558,6 +558,56 @@ async fn plinth_rides_out_a_kube_apiserver_restart() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and the Kubernetes binaries: tests/run-all.sh runs it"]
+async fn node_agents_notice_a_silent_connection_and_reconnect() {
+    let cluster = setup().await;
+    let client = cluster.client.clone();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    claims.create(&PostParams::default(), &claim("before", "plinth-immediate", 8 * MI, None, false)).await.unwrap();
+    wait_for("claim before bound", Duration::from_secs(60), || bound_volume(&client, "before")).await;
+
+    // Each agent's one connection carries its Volume watch. Silenced, it delivers nothing and
+    // nothing resets it: without pings the agent would wait on it for ever, and no claim placed
+    // on its node would bind again.
+    let api_port = cluster.plane.api_port();
+    let old_ports: BTreeMap<String, Vec<u16>> = cluster
+        .nodes
+        .iter()
+        .map(|(node, process)| (node.clone(), k8s::local_ports_to(process.pid(), api_port)))
+        .collect();
+    for (node, ports) in &old_ports {
+        assert_eq!(ports.len(), 1, "{node}: one connection to the API server before, not {ports:?}");
+    }
+    let silenced = k8s::SilencedConnections::new(api_port, &old_ports.values().flatten().copied().collect::<Vec<_>>());
+    let silenced_at = Instant::now();
+
+    let names: Vec<String> = (0..4).map(|i| format!("silent-{i}")).collect();
+    for name in &names {
+        claims.create(&PostParams::default(), &claim(name, "plinth-immediate", 8 * MI, None, false)).await.unwrap();
+    }
+    // Pings after 30 s of silence, answered within 15 s or the connection is dropped
+    // (api_client.rs); then the watch comes back on a new connection.
+    let mut nodes = std::collections::BTreeSet::new();
+    for name in &names {
+        let pv = wait_for(
+            &format!("claim {name} bound while its agent's old connection is silent"),
+            Duration::from_secs(120),
+            || bound_volume(&client, name),
+        )
+        .await;
+        nodes.insert(pv_node(&pv));
+    }
+    println!("claims bound {:.1} s after the agents' connections went silent", silenced_at.elapsed().as_secs_f64());
+    assert!(nodes.len() >= 2, "Immediate claims spread over the nodes with room: {nodes:?}");
+    for (node, process) in &cluster.nodes {
+        let ports = k8s::local_ports_to(process.pid(), api_port);
+        assert_eq!(ports.len(), 1, "{node}: one connection to the API server after, not {ports:?}");
+        assert!(!old_ports[node].contains(&ports[0]), "{node}: a new connection, not the silenced one ({ports:?})");
+    }
+    drop(silenced);
+}
+
 /// Benchmark, not a timed test: 100 claims created at once (concurrently), and for each the time
 /// from its creation (the API's answer to the create) to `Bound` (seen through a watch).
 /// Run with `tests/bench-cluster.sh` (cargo test … -- --ignored --nocapture).
