@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event, Node, PersistentVolume, PersistentVolumeClaim};
-use k8s_openapi::api::storage::v1::CSIStorageCapacity;
+use k8s_openapi::api::storage::v1::{CSIStorageCapacity, StorageClass};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use plinth_cluster::snapshot_api::{VolumeGroupSnapshotContent, VolumeSnapshot, VolumeSnapshotContent};
@@ -606,6 +606,52 @@ async fn node_agents_notice_a_silent_connection_and_reconnect() {
         assert!(!old_ports[node].contains(&ports[0]), "{node}: a new connection, not the silenced one ({ports:?})");
     }
     drop(silenced);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and the Kubernetes binaries: tests/run-all.sh runs it"]
+async fn capacity_is_written_when_it_changes_and_put_back_when_deleted() {
+    let cluster = setup().await;
+    let client = cluster.client.clone();
+    let capacities: Api<CSIStorageCapacity> = Api::namespaced(client.clone(), "plinth-system");
+    let classes: Vec<String> = Api::<StorageClass>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|class| class.provisioner == "plinth.csi.dev")
+        .map(|class| class.name_any())
+        .collect();
+    assert!(classes.len() >= 2, "deploy/ and the test make several plinth classes: {classes:?}");
+    let names: Vec<String> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .flat_map(|node| classes.iter().map(move |class| format!("plinth-{node}-{class}")))
+        .collect();
+    for name in &names {
+        wait_for(&format!("{name} published"), Duration::from_secs(15), || {
+            let capacities = capacities.clone();
+            async move { capacities.get_opt(name).await.ok()? }
+        })
+        .await;
+    }
+    // Idle: the node agents check their pools every 10 s, and nothing has changed.
+    let applies = |counts: &BTreeMap<String, f64>| counts.get("APPLY csistoragecapacities").copied().unwrap_or(0.0);
+    let before = applies(&api_requests(&client).await);
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let idle = applies(&api_requests(&client).await) - before;
+    assert_eq!(idle, 0.0, "capacity writes in 25 idle seconds");
+
+    // Deleted by hand: the agent's watch of its own objects puts it back.
+    let deleted = names[0].clone();
+    capacities.delete(&deleted, &DeleteParams::default()).await.unwrap();
+    let deleted_at = Instant::now();
+    wait_for(&format!("{deleted} put back"), Duration::from_secs(15), || {
+        let (capacities, deleted) = (capacities.clone(), deleted.clone());
+        async move { capacities.get_opt(&deleted).await.ok()? }
+    })
+    .await;
+    println!("deleted capacity object back after {:.1} s", deleted_at.elapsed().as_secs_f64());
 }
 
 /// Benchmark, not a timed test: 100 claims created at once (concurrently), and for each the time
