@@ -43,8 +43,28 @@ pub fn object_name(node: &str, class: &str) -> String {
     format!("plinth-{}-{}", clean(node), clean(class)).trim_end_matches('-').to_owned()
 }
 
-/// Whether `stored` already says what this node would publish for `class`. Quantities are
-/// compared by value: the API server stores them in canonical form ("1Gi" for "1073741824").
+/// What this publisher last wrote, per object name: the resourceVersion the API server gave
+/// the write, and the bytes written.
+type Written = BTreeMap<String, (String, u64)>;
+
+/// Whether `stored` already says what this node would publish for `class`: it is this
+/// process's own last write of the same figure (whatever form the API server stored the
+/// quantity in — no write loop on a form `up_to_date` cannot read), or it says the same.
+fn is_current(
+    stored: &CSIStorageCapacity,
+    written: Option<&(String, u64)>,
+    node: &str,
+    class: &str,
+    available: u64,
+) -> bool {
+    let our_last_write = written
+        .is_some_and(|(version, bytes)| *bytes == available && stored.resource_version().as_ref() == Some(version));
+    our_last_write || up_to_date(stored, node, class, available)
+}
+
+/// Whether `stored` says what this node would publish for `class`. Quantities are compared by
+/// value: the API server stores them in canonical form ("1048576k" for "1048576000"), and a
+/// person editing one may write "1Gi".
 fn up_to_date(stored: &CSIStorageCapacity, node: &str, class: &str, available: u64) -> bool {
     let bytes = |q: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>| {
         q.and_then(|q| plinth_engine::size::parse_size(&q.0).ok())
@@ -62,7 +82,12 @@ fn up_to_date(stored: &CSIStorageCapacity, node: &str, class: &str, available: u
 impl Publisher {
     /// Writes what differs from the objects this node has published (as its watch of them last
     /// saw them) and deletes those of classes that are gone. Nothing differs: no API call.
-    async fn publish_once(&self, classes: &Store<StorageClass>, mine: &Store<CSIStorageCapacity>) -> Result<()> {
+    async fn publish_once(
+        &self,
+        classes: &Store<StorageClass>,
+        mine: &Store<CSIStorageCapacity>,
+        written: &mut Written,
+    ) -> Result<()> {
         let node = self.engine.node_id().to_owned();
         let classes: Vec<String> =
             classes.state().iter().filter(|c| c.provisioner == DRIVER_NAME).map(|c| c.name_any()).collect();
@@ -74,7 +99,7 @@ impl Publisher {
             mine.state().into_iter().map(|object| (object.name_any(), object)).collect();
         for class in &classes {
             let name = object_name(&node, class);
-            if stored.get(&name).is_some_and(|object| up_to_date(object, &node, class, available)) {
+            if stored.get(&name).is_some_and(|object| is_current(object, written.get(&name), &node, class, available)) {
                 continue;
             }
             let object = json!({
@@ -90,7 +115,8 @@ impl Publisher {
                 "capacity": available.to_string(),
                 "maximumVolumeSize": available.to_string(),
             });
-            api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&object)).await?;
+            let applied = api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&object)).await?;
+            written.insert(name, (applied.resource_version().unwrap_or_default(), available));
         }
         let wanted: BTreeSet<String> = classes.iter().map(|class| object_name(&node, class)).collect();
         for stale in stored.keys().filter(|name| !wanted.contains(*name)) {
@@ -100,6 +126,7 @@ impl Publisher {
                 Err(e) => return Err(e.into()),
             }
         }
+        written.retain(|name, _| wanted.contains(name));
         Ok(())
     }
 
@@ -113,31 +140,20 @@ impl Publisher {
         let (classes, class_writer) = reflector::store();
         // A new plinth class is published at once: until it is, the scheduler sees no room for
         // its WaitForFirstConsumer claims on this node.
-        let class_changed = Arc::clone(&self.changed);
-        let class_feed =
-            cache::reflect(Api::<StorageClass>::all(self.client.clone()), class_writer, cache::strip_managed_fields)
-                .for_each(move |event| {
-                    if let Err(error) = event {
-                        tracing::warn!(%error, "watching StorageClasses");
-                    }
-                    class_changed.notify_one();
-                    async {}
-                });
+        let class_feed = wake_on_change(
+            cache::reflect(Api::<StorageClass>::all(self.client.clone()), class_writer, cache::strip_managed_fields),
+            Arc::clone(&self.changed),
+        );
         let (mine, mine_writer) = reflector::store();
         let own = Api::<CSIStorageCapacity>::namespaced(self.client.clone(), &self.namespace);
-        let changed = Arc::clone(&self.changed);
-        let own_feed = watcher(own, watcher::Config::default().labels(&format!("{NODE_LABEL}={node}")))
-            .default_backoff()
-            .modify(cache::strip_managed_fields)
-            .reflect(mine_writer)
-            .touched_objects()
-            .for_each(move |event| {
-                if let Err(error) = event {
-                    tracing::warn!(%error, "watching this node's CSIStorageCapacity objects");
-                }
-                changed.notify_one();
-                async {}
-            });
+        let own_feed = wake_on_change(
+            watcher(own, watcher::Config::default().labels(&format!("{NODE_LABEL}={node}")))
+                .default_backoff()
+                .modify(cache::strip_managed_fields)
+                .reflect(mine_writer)
+                .touched_objects(),
+            Arc::clone(&self.changed),
+        );
         let publishing = async {
             if let Err(error) = classes.wait_until_ready().await {
                 tracing::warn!(%error, "the StorageClass watch ended before its first list");
@@ -147,8 +163,9 @@ impl Publisher {
                 tracing::warn!(%error, "the CSIStorageCapacity watch ended before its first list");
                 return;
             }
+            let mut written = Written::new();
             loop {
-                if let Err(error) = self.publish_once(&classes, &mine).await {
+                if let Err(error) = self.publish_once(&classes, &mine, &mut written).await {
                     tracing::warn!(%error, "publishing capacity failed; retrying");
                 }
                 if tokio::time::timeout(PERIOD, self.changed.notified()).await.is_ok() {
@@ -157,6 +174,20 @@ impl Publisher {
             }
         };
         futures::join!(class_feed, own_feed, publishing);
+    }
+}
+
+/// Runs a reflector's stream (it fills the store) and wakes the publisher on each change.
+async fn wake_on_change<K: kube::Resource>(
+    events: impl futures::Stream<Item = std::result::Result<K, watcher::Error>>,
+    changed: Arc<tokio::sync::Notify>,
+) {
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        if let Err(error) = event {
+            tracing::warn!(%error, kind = %std::any::type_name::<K>(), "capacity watch failed; retrying");
+        }
+        changed.notify_one();
     }
 }
 
@@ -186,6 +217,19 @@ mod tests {
     fn an_object_is_up_to_date_when_it_says_the_same_in_canonical_form() {
         assert!(up_to_date(&stored("1073741824", "a", "plinth"), "a", "plinth", 1 << 30));
         assert!(up_to_date(&stored("1Gi", "a", "plinth"), "a", "plinth", 1 << 30));
+        assert!(up_to_date(&stored("1048576k", "a", "plinth"), "a", "plinth", 1000 << 20));
+    }
+
+    #[test]
+    fn our_own_last_write_is_current_whatever_form_the_server_stored_it_in() {
+        let mut ours = stored("1.0737e9", "a", "plinth");
+        ours.metadata.resource_version = Some("42".into());
+        let written = ("42".to_owned(), 1u64 << 30);
+        assert!(is_current(&ours, Some(&written), "a", "plinth", 1 << 30));
+        assert!(!is_current(&ours, Some(&written), "a", "plinth", (1 << 30) + 4096), "the figure changed since");
+        ours.metadata.resource_version = Some("43".into());
+        assert!(!is_current(&ours, Some(&written), "a", "plinth", 1 << 30), "someone wrote it since");
+        assert!(!is_current(&ours, None, "a", "plinth", 1 << 30), "not written by this process");
     }
 
     #[test]
@@ -196,6 +240,9 @@ mod tests {
         let mut edited = stored("1Gi", "a", "plinth");
         edited.maximum_volume_size = None;
         assert!(!up_to_date(&edited, "a", "plinth", 1 << 30));
+        let mut unreadable = stored("1Gi", "a", "plinth");
+        unreadable.capacity = Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity("1.0737e9".into()));
+        assert!(!up_to_date(&unreadable, "a", "plinth", 1 << 30));
         let mut relabelled = stored("1Gi", "a", "plinth");
         relabelled.metadata.labels.as_mut().unwrap().remove(NODE_LABEL);
         assert!(!up_to_date(&relabelled, "a", "plinth", 1 << 30));
