@@ -531,26 +531,13 @@ impl SilencedConnections {
         let mut silenced = Self { rules: Vec::new() };
         for &client in client_ports {
             for (from, to) in [(client, server_port), (server_port, client)] {
-                let rule: Vec<String> = [
-                    "-p",
-                    "tcp",
-                    "-s",
-                    "127.0.0.1",
-                    "-d",
-                    "127.0.0.1",
-                    "--sport",
-                    &from.to_string(),
-                    "--dport",
-                    &to.to_string(),
-                    "-m",
-                    "comment",
-                    "--comment",
-                    NETFILTER_COMMENT,
-                    "-j",
-                    "DROP",
-                ]
-                .iter()
-                .map(|arg| arg.to_string())
+                // Fixed words and port numbers only: no argument has a space to split on.
+                let rule: Vec<String> = format!(
+                    "-p tcp -s 127.0.0.1 -d 127.0.0.1 --sport {from} --dport {to} \
+                     -m comment --comment {NETFILTER_COMMENT} -j DROP"
+                )
+                .split_whitespace()
+                .map(str::to_owned)
                 .collect();
                 iptables("-I", &rule).unwrap_or_else(|e| panic!("silencing {from} → {to}: {e}"));
                 silenced.rules.push(rule);
