@@ -23,10 +23,14 @@ const FIELD_MANAGER: &str = "plinth-node";
 /// The pool's free space is checked at least this often (other files on its filesystem, and
 /// thin volumes filling up, change it without a volume change).
 const PERIOD: Duration = Duration::from_secs(10);
-/// After a volume change, further changes are awaited this long so a burst of creations costs
-/// a few writes, not one per volume per class. (external-provisioner polls capacity once a
-/// minute; the scheduler and plinth's placement both allow for what is in flight.)
+/// After a volume change, the publisher waits until changes have stopped for this long, so a
+/// burst of creations is published once, after it, not once a second per class while the API
+/// server is busiest. (external-provisioner polls capacity once a minute; plinth's placement
+/// counts the Volumes placed since a node last published.)
 const SETTLE: Duration = Duration::from_secs(1);
+/// …but no longer than this after the first change: under a steady stream of changes the
+/// scheduler still sees capacity at most this old.
+const SETTLE_AT_MOST: Duration = Duration::from_secs(5);
 
 pub struct Publisher {
     pub client: kube::Client,
@@ -169,11 +173,25 @@ impl Publisher {
                     tracing::warn!(%error, "publishing capacity failed; retrying");
                 }
                 if tokio::time::timeout(PERIOD, self.changed.notified()).await.is_ok() {
-                    tokio::time::sleep(SETTLE).await;
+                    settle(&self.changed, SETTLE, SETTLE_AT_MOST).await;
                 }
             }
         };
         futures::join!(class_feed, own_feed, publishing);
+    }
+}
+
+/// Returns once `changed` has been quiet for `quiet`, or `at_most` after it was called.
+async fn settle(changed: &tokio::sync::Notify, quiet: Duration, at_most: Duration) {
+    let deadline = tokio::time::Instant::now() + at_most;
+    loop {
+        let until = (tokio::time::Instant::now() + quiet).min(deadline);
+        if tokio::time::timeout_at(until, changed.notified()).await.is_err() {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return;
+        }
     }
 }
 
@@ -194,6 +212,44 @@ async fn wake_on_change<K: kube::Resource>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn settling_waits_for_quiet_but_not_forever() {
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let start = tokio::time::Instant::now();
+        settle(&changed, Duration::from_secs(1), Duration::from_secs(5)).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(1), "no change: one quiet second");
+
+        // A change every 300 ms for 2 s: published 1 s after the last one.
+        let start = tokio::time::Instant::now();
+        let burst = tokio::spawn({
+            let changed = Arc::clone(&changed);
+            async move {
+                for _ in 0..7 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    changed.notify_one();
+                }
+            }
+        });
+        settle(&changed, Duration::from_secs(1), Duration::from_secs(5)).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(3100));
+        burst.await.unwrap();
+
+        // Changes that never stop: published at the cap.
+        let start = tokio::time::Instant::now();
+        let endless = tokio::spawn({
+            let changed = Arc::clone(&changed);
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    changed.notify_one();
+                }
+            }
+        });
+        settle(&changed, Duration::from_secs(1), Duration::from_secs(5)).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        endless.abort();
+    }
 
     #[test]
     fn names_are_dns_labels() {

@@ -720,6 +720,21 @@ async fn bench_bind_100_claims() {
             }
         }));
     }
+    // PLINTH_BENCH_PROFILE=FILE: a CPU profile of kube-apiserver over the burst's first seconds
+    // (Go pprof format, read with `go tool pprof -top FILE`), taken with the admin kubeconfig.
+    let profiling = std::env::var_os("PLINTH_BENCH_PROFILE").map(|file| {
+        let kubectl = std::env::var_os("PLINTH_KUBECTL").expect("PLINTH_KUBECTL (tests/k8s/env.sh)");
+        let kubeconfig = cluster.plane.kubeconfig.clone();
+        tokio::task::spawn_blocking(move || {
+            let profile = std::process::Command::new(kubectl)
+                .arg(format!("--kubeconfig={}", kubeconfig.display()))
+                .args(["get", "--raw", "/debug/pprof/profile?seconds=3"])
+                .output()
+                .expect("running kubectl");
+            assert!(profile.status.success(), "kubectl: {}", String::from_utf8_lossy(&profile.stderr));
+            std::fs::write(&file, profile.stdout).expect("writing the profile");
+        })
+    });
     let creating: Vec<_> = (0..COUNT)
         .map(|i| {
             let claims = claims.clone();
@@ -748,6 +763,9 @@ async fn bench_bind_100_claims() {
     }
     let cpu_after = cpu_by_program();
     let requests_after = api_requests(&client).await;
+    if let Some(profiling) = profiling {
+        profiling.await.unwrap();
+    }
     for task in &watching {
         task.abort();
     }
