@@ -40,7 +40,7 @@ for pair in $(seq 1 "$pairs"); do
     out=$(run "$binary") || { echo "$out"; echo "the run of $binary failed" >&2; exit 1; }
     echo "$out"
     figure() { echo "$out" | awk -v key="$1" '$0 ~ key { print $(NF-1); exit }'; }
-    summary+=("pair $pair  $side   p50 $(figure 'Bound  p50') s  p95 $(figure 'Bound  p95') s")
+    summary+=("pair $pair  $side   p50 $(figure 'Bound  p50') s  p95 $(figure 'Bound  p95') s  fixed CPU work $(figure 'fixed CPU work') s")
   done
 done
 echo "alternating runs (this = $(git rev-parse --short HEAD), other = $other):"
