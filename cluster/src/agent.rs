@@ -19,7 +19,7 @@ use plinth_engine::volumes::{CreateVolume, SourceRequest};
 use plinth_engine::{Engine, Error as EngineError, VolumeId};
 
 use crate::backoff::Backoff;
-use crate::crd::{Phase, Volume, VolumeSource, VolumeSpec, VolumeStatus};
+use crate::crd::{Phase, Volume, VolumeSource, VolumeSpec, VolumeStatus, reason};
 use crate::keys::{IMAGE_FINALIZER, NODE_LABEL};
 use crate::volumes;
 use crate::{Error, Result};
@@ -151,6 +151,7 @@ async fn apply(volume: &Volume, agent: &Agent) -> Result<Action> {
                 capacity_bytes: Some(capacity as i64),
                 allocated_bytes: Some(allocated as i64),
                 message: None,
+                reason: None,
                 observed_generation: generation,
             };
             if volume.status.as_ref() != Some(&status) {
@@ -164,9 +165,16 @@ async fn apply(volume: &Volume, agent: &Agent) -> Result<Action> {
             | EngineError::InvalidArgument(_)
             | EngineError::AlreadyExists(_)),
         ) => {
+            let reason = match err {
+                EngineError::ResourceExhausted(_) => reason::RESOURCE_EXHAUSTED,
+                EngineError::OutOfRange(_) => reason::OUT_OF_RANGE,
+                EngineError::InvalidArgument(_) => reason::INVALID_ARGUMENT,
+                _ => reason::ALREADY_EXISTS,
+            };
             let status = VolumeStatus {
                 phase: Some(Phase::Failed),
                 message: Some(err.chain()),
+                reason: Some(reason.into()),
                 observed_generation: generation,
                 ..current(volume)
             };

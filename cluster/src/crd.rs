@@ -87,8 +87,20 @@ pub struct VolumeStatus {
     pub allocated_bytes: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Why the phase is Failed, as the CSI code the node's engine answered (see [`reason`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// Values of [`VolumeStatus::reason`].
+pub mod reason {
+    /// The node has no room for the image: another node may have.
+    pub const RESOURCE_EXHAUSTED: &str = "ResourceExhausted";
+    pub const OUT_OF_RANGE: &str = "OutOfRange";
+    pub const INVALID_ARGUMENT: &str = "InvalidArgument";
+    pub const ALREADY_EXISTS: &str = "AlreadyExists";
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

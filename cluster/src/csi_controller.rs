@@ -23,7 +23,7 @@ use plinth_proto::TOPOLOGY_NODE_KEY;
 use plinth_proto::csi_v1::{self as csi, controller_server::Controller, controller_service_capability};
 use tonic::{Code, Request, Response, Status};
 
-use crate::crd::{Phase, Volume, VolumeMode, VolumeSource, VolumeSpec};
+use crate::crd::{Phase, Volume, VolumeMode, VolumeSource, VolumeSpec, reason};
 use crate::csi_snapshots::ClusterSnapshots;
 use crate::modify::{self, ModifyError, Progress};
 use crate::snapshots;
@@ -103,8 +103,10 @@ pub enum CreateVolumeError {
     Request(plinth_engine::Error),
     #[error("volume {name} exists with a different node, mode or size")]
     Incompatible { name: String },
+    /// `code`: what the node's engine answered (RESOURCE_EXHAUSTED, on which external-provisioner
+    /// asks the scheduler for another node, when it did not say).
     #[error("node {node} could not create volume {name}: {why}")]
-    NodeFailed { name: String, node: String, why: String },
+    NodeFailed { name: String, node: String, why: String, code: Code },
     #[error("volume {name} was deleted while it was being created; retry")]
     Vanished { name: String },
     #[error("creating volume {name} through the Kubernetes API")]
@@ -127,7 +129,7 @@ impl GrpcError for CreateVolumeError {
             Self::SourceElsewhere { .. } => Code::ResourceExhausted,
             Self::Request(e) => e.code(),
             Self::Incompatible { .. } => Code::AlreadyExists,
-            Self::NodeFailed { .. } => Code::ResourceExhausted,
+            Self::NodeFailed { code, .. } => *code,
             Self::Vanished { .. } => Code::Aborted,
             Self::Kube { source, .. } => kube_code(source),
             Self::Wait(e) => wait_code(e),
@@ -174,7 +176,7 @@ pub enum ExpandVolumeError {
     #[error(transparent)]
     Request(plinth_engine::Error),
     #[error("node {node} could not grow volume {name}: {why}")]
-    NodeFailed { name: String, node: String, why: String },
+    NodeFailed { name: String, node: String, why: String, code: Code },
     #[error("volume {name} was deleted while it was being expanded")]
     Vanished { name: String },
     #[error("expanding volume {id} through the Kubernetes API")]
@@ -193,7 +195,7 @@ impl GrpcError for ExpandVolumeError {
             Self::IdMissing | Self::RangeMissing => Code::InvalidArgument,
             Self::NotFound(_) | Self::Vanished { .. } => Code::NotFound,
             Self::Request(e) => e.code(),
-            Self::NodeFailed { .. } => Code::ResourceExhausted,
+            Self::NodeFailed { code, .. } => *code,
             Self::Kube { source, .. } => kube_code(source),
             Self::Wait(e) => wait_code(e),
         }
@@ -245,6 +247,17 @@ impl GrpcError for ModifyVolumeError {
 
 fn phase(volume: &Volume) -> Option<Phase> {
     volume.status.as_ref().and_then(|s| s.phase)
+}
+
+/// The CSI code of the node's failure, from the reason its agent reported; RESOURCE_EXHAUSTED
+/// when it gave none (agents before the reason existed).
+fn node_failure_code(volume: &Volume) -> Code {
+    match volume.status.as_ref().and_then(|s| s.reason.as_deref()) {
+        Some(reason::OUT_OF_RANGE) => Code::OutOfRange,
+        Some(reason::INVALID_ARGUMENT) => Code::InvalidArgument,
+        Some(reason::ALREADY_EXISTS) => Code::AlreadyExists,
+        _ => Code::ResourceExhausted,
+    }
 }
 
 /// The agent has acted on the Volume's current spec (not an older one) and reported Failed.
@@ -386,8 +399,9 @@ impl ClusterController {
         // Failed: leave nothing behind (the agent drops its finalizer once there is no image),
         // so the sidecar's retry may land on another node.
         volumes::delete(&self.client, &name).await.map_err(kube)?;
+        let code = node_failure_code(&volume);
         let why = volume.status.and_then(|s| s.message).unwrap_or_else(|| "the node could not create it".into());
-        Err(E::NodeFailed { name, node: volume.spec.node, why })
+        Err(E::NodeFailed { name, node: volume.spec.node, why, code })
     }
 
     async fn delete(&self, id: &str) -> Result<(), DeleteVolumeError> {
@@ -440,7 +454,8 @@ impl ClusterController {
             return Ok(volume.status.and_then(|s| s.capacity_bytes).unwrap_or(wanted));
         }
         let why = failed_for_current_spec(&volume).unwrap_or_default();
-        Err(E::NodeFailed { name, node: volume.spec.node, why })
+        let code = node_failure_code(&volume);
+        Err(E::NodeFailed { name, node: volume.spec.node, why, code })
     }
 
     async fn validate(
@@ -662,7 +677,12 @@ mod tests {
         }
         let timed_out = WaitError::TimedOut { kind: "volume", name: "pvc-1".into(), within: Duration::from_secs(20) };
         assert_eq!(status(&CreateVolumeError::Wait(timed_out)).code(), Code::Aborted, "not final: retry");
-        let failed = CreateVolumeError::NodeFailed { name: "pvc-1".into(), node: "a".into(), why: "pool full".into() };
+        let failed = CreateVolumeError::NodeFailed {
+            name: "pvc-1".into(),
+            node: "a".into(),
+            why: "pool full".into(),
+            code: Code::ResourceExhausted,
+        };
         assert_eq!(status(&failed).code(), Code::ResourceExhausted);
         assert_eq!(status(&CreateVolumeError::Incompatible { name: "pvc-1".into() }).code(), Code::AlreadyExists);
         let still = DeleteVolumeError::StillThere { name: "pvc-1".into(), why: "staged".into() };
@@ -708,5 +728,21 @@ mod tests {
         assert_eq!(failed_for_current_spec(&volume), None, "an older spec's failure is not this one");
         volume.status.as_mut().unwrap().observed_generation = Some(2);
         assert_eq!(failed_for_current_spec(&volume).as_deref(), Some("pool has 0 bytes"));
+    }
+
+    #[test]
+    fn a_node_failure_answers_the_code_its_node_gave() {
+        let mut volume = volumes::new_volume("pvc-1", requested_spec(&create_request(Some("a"))).unwrap());
+        volume.status = Some(crate::crd::VolumeStatus { phase: Some(Phase::Failed), ..Default::default() });
+        assert_eq!(node_failure_code(&volume), Code::ResourceExhausted, "no reason: an agent before reasons");
+        for (reason, code) in [
+            (reason::RESOURCE_EXHAUSTED, Code::ResourceExhausted),
+            (reason::OUT_OF_RANGE, Code::OutOfRange),
+            (reason::INVALID_ARGUMENT, Code::InvalidArgument),
+            (reason::ALREADY_EXISTS, Code::AlreadyExists),
+        ] {
+            volume.status.as_mut().unwrap().reason = Some(reason.into());
+            assert_eq!(node_failure_code(&volume), code, "{reason}");
+        }
     }
 }

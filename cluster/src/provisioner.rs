@@ -35,7 +35,7 @@ use serde_json::json;
 
 use crate::backoff::Backoff;
 use crate::cache::{self, Caches};
-use crate::crd::{ClaimRef, Phase, Volume, VolumeMode, VolumeSpec};
+use crate::crd::{self, ClaimRef, Phase, Volume, VolumeMode, VolumeSpec};
 use crate::data_source::{self, Source};
 use crate::event_queue::{Activity, EventQueue};
 use crate::keys::{PROVISIONED_BY, SELECTED_NODE};
@@ -481,10 +481,30 @@ async fn reconcile_claim_inner(claim: &PersistentVolumeClaim, ctx: &Context) -> 
             Ok(Action::await_change())
         }
         Some(Phase::Failed) => {
-            let why = volume.status.as_ref().and_then(|s| s.message.clone()).unwrap_or_default();
-            let note = format!("node {} could not create the volume: {why}", volume.spec.node);
-            ctx.event(claim, EventType::Warning, "ProvisioningFailed", note.clone());
+            let status = volume.status.as_ref();
+            let why = status.and_then(|s| s.message.clone()).unwrap_or_default();
+            let node = &volume.spec.node;
+            if volume.metadata.deletion_timestamp.is_some() {
+                // Given up on already; a new Volume is placed once the agent has let this one go.
+                return Err(Error::Waiting(format!("the failed volume on node {node} is being removed")));
+            }
             let wait_for_consumer = class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer");
+            let no_room = status.and_then(|s| s.reason.as_deref()) == Some(crd::reason::RESOURCE_EXHAUSTED);
+            let selected = claim.annotations().get(SELECTED_NODE);
+            if wait_for_consumer && no_room && volume.spec.content_source.is_none() && selected == Some(node) {
+                // The scheduler chose a node that has no room (its capacity figure was older than
+                // the last volumes made there): hand the claim back, as external-provisioner does on
+                // RESOURCE_EXHAUSTED, rather than wait on that node until space is freed.
+                let note = format!(
+                    "node {node} has no room for the volume ({why}); asking the scheduler to choose another node"
+                );
+                ctx.event(claim, EventType::Warning, "ProvisioningFailed", note);
+                volumes::delete(&ctx.client, &name).await?;
+                clear_selected_node(ctx, claim).await?;
+                return Ok(Action::await_change());
+            }
+            let note = format!("node {node} could not create the volume: {why}");
+            ctx.event(claim, EventType::Warning, "ProvisioningFailed", note.clone());
             if !wait_for_consumer && volume.spec.content_source.is_none() {
                 // Let another node be chosen; the agent drops the finalizer once nothing is left.
                 volumes::delete(&ctx.client, &name).await?;

@@ -88,9 +88,21 @@ pub async fn delete(client: &kube::Client, name: &str) -> kube::Result<()> {
 
 /// Replaces the status (merge patch of the status subresource).
 pub async fn set_status(client: &kube::Client, name: &str, status: &VolumeStatus) -> kube::Result<()> {
-    let patch = json!({ "status": status });
+    let patch = json!({ "status": status_patch(status) });
     api(client).patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
     Ok(())
+}
+
+/// `status` as a merge patch: an absent message or reason is written as null, so a Volume that
+/// recovers (Failed, then Ready) does not keep the old failure's words.
+fn status_patch(status: &VolumeStatus) -> serde_json::Value {
+    let mut patch = json!(status);
+    if let Some(fields) = patch.as_object_mut() {
+        for field in ["message", "reason"] {
+            fields.entry(field).or_insert(serde_json::Value::Null);
+        }
+    }
+    patch
 }
 
 /// Adds the volume-ID label to a Volume made before plinth set it at creation.
@@ -151,6 +163,23 @@ where
 mod tests {
     use super::*;
     use crate::crd::VolumeMode;
+
+    #[test]
+    fn a_status_without_a_failure_clears_the_old_one() {
+        let ready = VolumeStatus { phase: Some(crate::crd::Phase::Ready), ..Default::default() };
+        let patch = status_patch(&ready);
+        assert_eq!(patch["phase"], "Ready");
+        assert!(patch["message"].is_null() && patch.as_object().unwrap().contains_key("message"));
+        assert!(patch["reason"].is_null() && patch.as_object().unwrap().contains_key("reason"));
+        assert!(!patch.as_object().unwrap().contains_key("volumeId"), "other fields are left as they are");
+        let failed = VolumeStatus {
+            phase: Some(crate::crd::Phase::Failed),
+            message: Some("no room".into()),
+            reason: Some(crate::crd::reason::RESOURCE_EXHAUSTED.into()),
+            ..Default::default()
+        };
+        assert_eq!(status_patch(&failed)["reason"], "ResourceExhausted");
+    }
 
     #[test]
     fn new_volumes_carry_their_labels_and_finalizer() {

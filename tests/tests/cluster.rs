@@ -654,6 +654,40 @@ async fn capacity_is_written_when_it_changes_and_put_back_when_deleted() {
     println!("deleted capacity object back after {:.1} s", deleted_at.elapsed().as_secs_f64());
 }
 
+/// The scheduler can choose a node whose published capacity is older than the last volumes made
+/// there. When that node turns out to have no room, plinth hands the claim back to the scheduler
+/// (as external-provisioner does on RESOURCE_EXHAUSTED) instead of waiting on that node until
+/// space is freed; the failed Volume is removed. The scheduler's choice is written here by hand:
+/// node-c (a 256 MiB pool) for a 512 MiB claim.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and the Kubernetes binaries: tests/run-all.sh runs it"]
+async fn a_claim_scheduled_to_a_full_node_goes_back_to_the_scheduler() {
+    let cluster = setup().await;
+    let client = cluster.client.clone();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    claims.create(&PostParams::default(), &claim("roomy", "plinth", 512 * MI, Some("node-c"), false)).await.unwrap();
+    let failed = wait_for("ProvisioningFailed on the full node", Duration::from_secs(60), || async {
+        events_with(&client, "roomy", "ProvisioningFailed").await.into_iter().next()
+    })
+    .await;
+    assert!(failed.contains("node-c") && failed.contains("another node"), "{failed}");
+    wait_for("the selected-node annotation cleared", Duration::from_secs(30), || async {
+        let claim = claims.get("roomy").await.ok()?;
+        (!claim.annotations().contains_key("volume.kubernetes.io/selected-node")).then_some(())
+    })
+    .await;
+    let uid = claims.get("roomy").await.unwrap().uid().unwrap();
+    let volumes: Api<plinth_cluster::crd::Volume> = Api::all(client.clone());
+    gone(&volumes, &format!("pvc-{uid}"), "the failed Volume on node-c").await;
+    assert!(bound_volume(&client, "roomy").await.is_none(), "nothing bound on the full node");
+
+    // The scheduler's next choice has room: the claim binds there.
+    let to_a = json!({"metadata": {"annotations": {"volume.kubernetes.io/selected-node": "node-a"}}});
+    claims.patch("roomy", &PatchParams::default(), &Patch::Merge(&to_a)).await.unwrap();
+    let pv = wait_for("the claim bound on node-a", Duration::from_secs(90), || bound_volume(&client, "roomy")).await;
+    assert_eq!(pv_node(&pv), "node-a");
+}
+
 /// Benchmark, not a timed test: 100 claims created at once (concurrently), and for each the time
 /// from its creation (the API's answer to the create) to `Bound` (seen through a watch).
 /// Run with `tests/bench-cluster.sh` (cargo test … -- --ignored --nocapture).
