@@ -1523,6 +1523,32 @@ async fn the_standard_sidecars_drive_the_same_implementation() {
     let log = cluster.plane.log_tail("csi-snapshotter");
     assert!(!log.contains("does not support"), "{log}");
     walk_through(&cluster, "sidecar").await;
+
+    // A node without room answers RESOURCE_EXHAUSTED, on which the real csi-provisioner hands a
+    // claim with a selected node back to the scheduler (it clears the annotation).
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    claims
+        .create(&PostParams::default(), &claim("sidecar-roomy", "plinth", 512 * MI, Some("node-c"), false))
+        .await
+        .unwrap();
+    wait_for("csi-provisioner to clear the selected node", Duration::from_secs(90), || async {
+        let claim = claims.get("sidecar-roomy").await.ok()?;
+        (!claim.annotations().contains_key("volume.kubernetes.io/selected-node")).then_some(())
+    })
+    .await;
+    let failed = wait_for("csi-provisioner's ProvisioningFailed", Duration::from_secs(30), || async {
+        events_with(&client, "sidecar-roomy", "ProvisioningFailed").await.into_iter().next()
+    })
+    .await;
+    assert!(failed.contains("ResourceExhausted") && failed.contains("node-c"), "{failed}");
+    println!("csi-provisioner on a full node: {failed}");
+    let to_a = json!({"metadata": {"annotations": {"volume.kubernetes.io/selected-node": "node-a"}}});
+    claims.patch("sidecar-roomy", &PatchParams::default(), &Patch::Merge(&to_a)).await.unwrap();
+    let pv =
+        wait_for("sidecar-roomy bound on node-a", Duration::from_secs(120), || bound_volume(&client, "sidecar-roomy"))
+            .await;
+    assert_eq!(pv_node(&pv), "node-a");
+
     for sidecar in ["csi-provisioner", "csi-snapshotter", "csi-resizer"] {
         assert!(cluster.plane.exited(sidecar).is_none(), "{sidecar}:\n{}", cluster.plane.log_tail(sidecar));
     }
