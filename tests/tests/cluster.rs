@@ -666,24 +666,16 @@ async fn a_claim_scheduled_to_a_full_node_goes_back_to_the_scheduler() {
     let client = cluster.client.clone();
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
     claims.create(&PostParams::default(), &claim("roomy", "plinth", 512 * MI, Some("node-c"), false)).await.unwrap();
-    let failed = wait_for("ProvisioningFailed on the full node", Duration::from_secs(60), || async {
-        events_with(&client, "roomy", "ProvisioningFailed").await.into_iter().next()
-    })
-    .await;
+    let failed = first_event(&client, "roomy", "ProvisioningFailed", Duration::from_secs(60)).await;
     assert!(failed.contains("node-c") && failed.contains("another node"), "{failed}");
-    wait_for("the selected-node annotation cleared", Duration::from_secs(30), || async {
-        let claim = claims.get("roomy").await.ok()?;
-        (!claim.annotations().contains_key("volume.kubernetes.io/selected-node")).then_some(())
-    })
-    .await;
+    selection_cleared(&claims, "roomy", Duration::from_secs(30)).await;
     let uid = claims.get("roomy").await.unwrap().uid().unwrap();
     let volumes: Api<plinth_cluster::crd::Volume> = Api::all(client.clone());
     gone(&volumes, &format!("pvc-{uid}"), "the failed Volume on node-c").await;
     assert!(bound_volume(&client, "roomy").await.is_none(), "nothing bound on the full node");
 
     // The scheduler's next choice has room: the claim binds there.
-    let to_a = json!({"metadata": {"annotations": {"volume.kubernetes.io/selected-node": "node-a"}}});
-    claims.patch("roomy", &PatchParams::default(), &Patch::Merge(&to_a)).await.unwrap();
+    select_node(&claims, "roomy", "node-a").await;
     let pv = wait_for("the claim bound on node-a", Duration::from_secs(90), || bound_volume(&client, "roomy")).await;
     assert_eq!(pv_node(&pv), "node-a");
 }
@@ -1126,6 +1118,28 @@ where
     .await;
 }
 
+/// The first event of `reason` about `object`, waited for.
+async fn first_event(client: &Client, object: &str, reason: &str, timeout: Duration) -> String {
+    let what = format!("a {reason} event about {object}");
+    wait_for(&what, timeout, || async { events_with(client, object, reason).await.into_iter().next() }).await
+}
+
+/// Waits until the claim no longer carries the scheduler's selected-node annotation (it was
+/// handed back to the scheduler).
+async fn selection_cleared(claims: &Api<PersistentVolumeClaim>, name: &str, timeout: Duration) {
+    wait_for(&format!("{name}'s selected node cleared"), timeout, || async {
+        let claim = claims.get(name).await.ok()?;
+        (!claim.annotations().contains_key("volume.kubernetes.io/selected-node")).then_some(())
+    })
+    .await;
+}
+
+/// Writes the scheduler's choice of `node` on the claim, as kube-scheduler does.
+async fn select_node(claims: &Api<PersistentVolumeClaim>, name: &str, node: &str) {
+    let selected = json!({"metadata": {"annotations": {"volume.kubernetes.io/selected-node": node}}});
+    claims.patch(name, &PatchParams::default(), &Patch::Merge(&selected)).await.unwrap();
+}
+
 async fn events_with(client: &Client, object: &str, reason: &str) -> Vec<String> {
     events_for(client, object).await.into_iter().filter(|e| e.starts_with(&format!("{reason}:"))).collect()
 }
@@ -1261,22 +1275,14 @@ async fn snapshots_restores_clones_and_attribute_classes_in_cluster_mode() {
     let kept_id = snapshot_handle(&kept);
     let from_kept = json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "kept"});
     create_claim_with(&client, "elsewhere", "plinth", 64 * MI, Some("node-b"), json!({"dataSource": from_kept})).await;
-    let failed = wait_for("ProvisioningFailed for the restore onto node-b", Duration::from_secs(60), || async {
-        events_with(&client, "elsewhere", "ProvisioningFailed").await.into_iter().next()
-    })
-    .await;
+    let failed = first_event(&client, "elsewhere", "ProvisioningFailed", Duration::from_secs(60)).await;
     assert!(failed.contains("node-a") && failed.contains("node-b"), "{failed}");
-    wait_for("the selected-node annotation cleared", Duration::from_secs(30), || async {
-        let claim = claims.get("elsewhere").await.ok()?;
-        (!claim.annotations().contains_key("volume.kubernetes.io/selected-node")).then_some(())
-    })
-    .await;
+    selection_cleared(&claims, "elsewhere", Duration::from_secs(30)).await;
     let volumes: Api<plinth_cluster::crd::Volume> = Api::all(client.clone());
     let uid = claims.get("elsewhere").await.unwrap().uid().unwrap();
     assert!(volumes.get_opt(&format!("pvc-{uid}")).await.unwrap().is_none(), "nothing was made on node-b");
     // Scheduled to node-a instead, it restores there.
-    let to_a = json!({"metadata": {"annotations": {"volume.kubernetes.io/selected-node": "node-a"}}});
-    claims.patch("elsewhere", &PatchParams::default(), &Patch::Merge(&to_a)).await.unwrap();
+    select_node(&claims, "elsewhere", "node-a").await;
     let pv =
         wait_for("the rescheduled restore bound", Duration::from_secs(90), || bound_volume(&client, "elsewhere")).await;
     assert_eq!(pv_node(&pv), "node-a");
@@ -1379,10 +1385,7 @@ async fn snapshots_restores_clones_and_attribute_classes_in_cluster_mode() {
         json!({"dataSourceRef": {"apiGroup": "backup.example.com", "kind": "Backup", "name": "nightly"}}),
     )
     .await;
-    let refused = wait_for("ProvisioningFailed for an unknown data source", Duration::from_secs(60), || async {
-        events_with(&client, "from-backup", "ProvisioningFailed").await.into_iter().next()
-    })
-    .await;
+    let refused = first_event(&client, "from-backup", "ProvisioningFailed", Duration::from_secs(60)).await;
     assert!(refused.contains("cannot populate a volume from Backup nightly"), "{refused}");
     assert!(bound_volume(&client, "from-backup").await.is_none());
 
@@ -1531,19 +1534,11 @@ async fn the_standard_sidecars_drive_the_same_implementation() {
         .create(&PostParams::default(), &claim("sidecar-roomy", "plinth", 512 * MI, Some("node-c"), false))
         .await
         .unwrap();
-    wait_for("csi-provisioner to clear the selected node", Duration::from_secs(90), || async {
-        let claim = claims.get("sidecar-roomy").await.ok()?;
-        (!claim.annotations().contains_key("volume.kubernetes.io/selected-node")).then_some(())
-    })
-    .await;
-    let failed = wait_for("csi-provisioner's ProvisioningFailed", Duration::from_secs(30), || async {
-        events_with(&client, "sidecar-roomy", "ProvisioningFailed").await.into_iter().next()
-    })
-    .await;
+    selection_cleared(&claims, "sidecar-roomy", Duration::from_secs(90)).await;
+    let failed = first_event(&client, "sidecar-roomy", "ProvisioningFailed", Duration::from_secs(30)).await;
     assert!(failed.contains("ResourceExhausted") && failed.contains("node-c"), "{failed}");
     println!("csi-provisioner on a full node: {failed}");
-    let to_a = json!({"metadata": {"annotations": {"volume.kubernetes.io/selected-node": "node-a"}}});
-    claims.patch("sidecar-roomy", &PatchParams::default(), &Patch::Merge(&to_a)).await.unwrap();
+    select_node(&claims, "sidecar-roomy", "node-a").await;
     let pv =
         wait_for("sidecar-roomy bound on node-a", Duration::from_secs(120), || bound_volume(&client, "sidecar-roomy"))
             .await;
