@@ -165,16 +165,10 @@ async fn apply(volume: &Volume, agent: &Agent) -> Result<Action> {
             | EngineError::InvalidArgument(_)
             | EngineError::AlreadyExists(_)),
         ) => {
-            let reason = match err {
-                EngineError::ResourceExhausted(_) => reason::RESOURCE_EXHAUSTED,
-                EngineError::OutOfRange(_) => reason::OUT_OF_RANGE,
-                EngineError::InvalidArgument(_) => reason::INVALID_ARGUMENT,
-                _ => reason::ALREADY_EXISTS,
-            };
             let status = VolumeStatus {
                 phase: Some(Phase::Failed),
                 message: Some(err.chain()),
-                reason: Some(reason.into()),
+                reason: reason::of(err.code()).map(str::to_owned),
                 observed_generation: generation,
                 ..current(volume)
             };

@@ -94,13 +94,42 @@ pub struct VolumeStatus {
     pub observed_generation: Option<i64>,
 }
 
-/// Values of [`VolumeStatus::reason`].
+/// Values of [`VolumeStatus::reason`]: the CSI codes of the failures an agent reports (what its
+/// engine answered), by name.
 pub mod reason {
+    use tonic::Code;
+
     /// The node has no room for the image: another node may have.
     pub const RESOURCE_EXHAUSTED: &str = "ResourceExhausted";
-    pub const OUT_OF_RANGE: &str = "OutOfRange";
-    pub const INVALID_ARGUMENT: &str = "InvalidArgument";
-    pub const ALREADY_EXISTS: &str = "AlreadyExists";
+
+    const NAMES: [(&str, Code); 4] = [
+        (RESOURCE_EXHAUSTED, Code::ResourceExhausted),
+        ("OutOfRange", Code::OutOfRange),
+        ("InvalidArgument", Code::InvalidArgument),
+        ("AlreadyExists", Code::AlreadyExists),
+    ];
+
+    /// The reason an agent reports for a failure of `code`; `None` for codes that are not a
+    /// final answer about the Volume (the agent retries those without reporting Failed).
+    pub fn of(code: Code) -> Option<&'static str> {
+        NAMES.iter().find(|(_, c)| *c == code).map(|(name, _)| *name)
+    }
+
+    /// The code a reported reason stands for.
+    pub fn code(reason: &str) -> Option<Code> {
+        NAMES.iter().find(|(name, _)| *name == reason).map(|(_, code)| *code)
+    }
+
+    #[cfg(test)]
+    #[test]
+    fn every_reason_names_its_code_both_ways() {
+        for (name, code) in NAMES {
+            assert_eq!(of(code), Some(name));
+            assert_eq!(self::code(name), Some(code));
+        }
+        assert_eq!(of(Code::Internal), None);
+        assert_eq!(self::code("Internal"), None);
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

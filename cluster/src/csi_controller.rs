@@ -252,12 +252,7 @@ fn phase(volume: &Volume) -> Option<Phase> {
 /// The CSI code of the node's failure, from the reason its agent reported; RESOURCE_EXHAUSTED
 /// when it gave none (agents before the reason existed).
 fn node_failure_code(volume: &Volume) -> Code {
-    match volume.status.as_ref().and_then(|s| s.reason.as_deref()) {
-        Some(reason::OUT_OF_RANGE) => Code::OutOfRange,
-        Some(reason::INVALID_ARGUMENT) => Code::InvalidArgument,
-        Some(reason::ALREADY_EXISTS) => Code::AlreadyExists,
-        _ => Code::ResourceExhausted,
-    }
+    volume.status.as_ref().and_then(|s| s.reason.as_deref()).and_then(reason::code).unwrap_or(Code::ResourceExhausted)
 }
 
 /// The agent has acted on the Volume's current spec (not an older one) and reported Failed.
@@ -735,14 +730,9 @@ mod tests {
         let mut volume = volumes::new_volume("pvc-1", requested_spec(&create_request(Some("a"))).unwrap());
         volume.status = Some(crate::crd::VolumeStatus { phase: Some(Phase::Failed), ..Default::default() });
         assert_eq!(node_failure_code(&volume), Code::ResourceExhausted, "no reason: an agent before reasons");
-        for (reason, code) in [
-            (reason::RESOURCE_EXHAUSTED, Code::ResourceExhausted),
-            (reason::OUT_OF_RANGE, Code::OutOfRange),
-            (reason::INVALID_ARGUMENT, Code::InvalidArgument),
-            (reason::ALREADY_EXISTS, Code::AlreadyExists),
-        ] {
-            volume.status.as_mut().unwrap().reason = Some(reason.into());
-            assert_eq!(node_failure_code(&volume), code, "{reason}");
+        for code in [Code::ResourceExhausted, Code::OutOfRange, Code::InvalidArgument, Code::AlreadyExists] {
+            volume.status.as_mut().unwrap().reason = reason::of(code).map(str::to_owned);
+            assert_eq!(node_failure_code(&volume), code);
         }
     }
 }
