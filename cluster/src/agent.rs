@@ -195,7 +195,12 @@ async fn cleanup(volume: &Volume, agent: &Agent) -> Result<Action> {
             Ok(Action::await_change())
         }
         Err(EngineError::FailedPrecondition(why)) => {
-            let status = VolumeStatus { phase: Some(Phase::Deleting), message: Some(why.clone()), ..current(volume) };
+            let status = VolumeStatus {
+                phase: Some(Phase::Deleting),
+                message: Some(why.clone()),
+                reason: None,
+                ..current(volume)
+            };
             if volume.status.as_ref() != Some(&status) {
                 volumes::set_status(&agent.client, &name, &status).await?;
             }
