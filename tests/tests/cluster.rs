@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Event, Node, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Event, Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::{CSIStorageCapacity, StorageClass};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -113,13 +113,24 @@ async fn setup() -> Cluster {
     setup_with(false, None).await
 }
 
+/// As [`setup`], with kube-scheduler running: it places pods on the three Nodes (they report
+/// room for pods; no kubelet runs them) and, for WaitForFirstConsumer claims, chooses the node
+/// from plinth's CSIStorageCapacity.
+async fn setup_with_scheduler() -> Cluster {
+    setup_inner(false, None, true).await
+}
+
 /// `snapshots`: the snapshot CRDs, the snapshot-controller and deploy/snapshots/ are installed
 /// before plinth starts. `lease_holder`: the controllers' Lease is held by someone else, so both
 /// plinth controllers stay standbys (serving only their CSI sockets, for sidecars).
 async fn setup_with(snapshots: bool, lease_holder: Option<&str>) -> Cluster {
+    setup_inner(snapshots, lease_holder, false).await
+}
+
+async fn setup_inner(snapshots: bool, lease_holder: Option<&str>, scheduler: bool) -> Cluster {
     let binaries = plinth_tests::require_control_plane!();
     assert!(is_root(), "the cluster tests need root (loop devices, mounts): run tests/run-all.sh");
-    let mut plane = ControlPlane::start(&binaries, Options { controller_manager: true, scheduler: false }).await;
+    let mut plane = ControlPlane::start(&binaries, Options { controller_manager: true, scheduler }).await;
     if snapshots {
         plane.install_snapshot_controller(&binaries).await;
     }
@@ -168,9 +179,17 @@ async fn setup_with(snapshots: bool, lease_holder: Option<&str>) -> Cluster {
             "metadata": {"name": node, "labels": {"kubernetes.io/hostname": node, "topology.plinth.csi.dev/node": node}}
         }))
         .await;
+        let room = json!({"cpu": "4", "memory": "8Gi", "pods": "110"});
         let ready = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-            "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+            "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+            "capacity": room, "allocatable": room}});
         nodes.patch_status(node, &PatchParams::default(), &Patch::Merge(&ready)).await.unwrap();
+        if scheduler {
+            // The not-ready taint the API server gives a new Node is lifted by the node lifecycle
+            // controller, which does not run here.
+            let untainted = json!({"spec": {"taints": null}});
+            nodes.patch(node, &PatchParams::default(), &Patch::Merge(&untainted)).await.unwrap();
+        }
     }
     let node_kubeconfig = plane.kubeconfig_with_token(&client, "plinth-system", "plinth-node").await;
     let controller_kubeconfig = plane.kubeconfig_with_token(&client, "plinth-system", "plinth-controller").await;
@@ -654,30 +673,79 @@ async fn capacity_is_written_when_it_changes_and_put_back_when_deleted() {
     println!("deleted capacity object back after {:.1} s", deleted_at.elapsed().as_secs_f64());
 }
 
-/// The scheduler can choose a node whose published capacity is older than the last volumes made
-/// there. When that node turns out to have no room, plinth hands the claim back to the scheduler
-/// (as external-provisioner does on RESOURCE_EXHAUSTED) instead of waiting on that node until
-/// space is freed; the failed Volume is removed. The scheduler's choice is written here by hand:
-/// node-c (a 256 MiB pool) for a 512 MiB claim.
+/// kube-scheduler chooses a WaitForFirstConsumer claim's node from CSIStorageCapacity, which can
+/// be older than the last volumes made there. Here node-c's figure is made stale on purpose: its
+/// agent is paused (SIGSTOP) and its object edited to say 100 GiB, so the real scheduler picks
+/// node-c (a 256 MiB pool) for a 512 MiB claim. Once the agent runs again and finds no room,
+/// plinth hands the claim back to the scheduler (as external-provisioner does on
+/// RESOURCE_EXHAUSTED), and the scheduler's next choice binds it on a node with room.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root and the Kubernetes binaries: tests/run-all.sh runs it"]
 async fn a_claim_scheduled_to_a_full_node_goes_back_to_the_scheduler() {
-    let cluster = setup().await;
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let cluster = setup_with_scheduler().await;
     let client = cluster.client.clone();
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
-    claims.create(&PostParams::default(), &claim("roomy", "plinth", 512 * MI, Some("node-c"), false)).await.unwrap();
+    // The ServiceAccount admission plugin wants the namespace's default account for any pod.
+    k8s::apply(
+        &client,
+        &json!({"apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "default", "namespace": "default"}}),
+    )
+    .await;
+    let capacities: Api<CSIStorageCapacity> = Api::namespaced(client.clone(), "plinth-system");
+    wait_for("node-c's capacity for class plinth", Duration::from_secs(30), || async {
+        capacities.get_opt("plinth-node-c-plinth").await.ok()?
+    })
+    .await;
+    /// Resumes the paused agent however the test ends (a stopped process would hold up teardown).
+    struct Paused(Pid);
+    impl Drop for Paused {
+        fn drop(&mut self) {
+            let _ = kill(self.0, Signal::SIGCONT);
+        }
+    }
+    let agent = Pid::from_raw(cluster.nodes["node-c"].pid());
+    kill(agent, Signal::SIGSTOP).unwrap();
+    let paused = Paused(agent);
+    let stale = json!({"capacity": "100Gi", "maximumVolumeSize": "100Gi"});
+    capacities.patch("plinth-node-c-plinth", &PatchParams::default(), &Patch::Merge(&stale)).await.unwrap();
+    claims.create(&PostParams::default(), &claim("roomy", "plinth", 512 * MI, None, false)).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "roomy-user", "namespace": "default"},
+        "spec": {
+            "automountServiceAccountToken": false,
+            "containers": [{"name": "c", "image": "registry.invalid/pause"}],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "roomy"}}],
+            // Among nodes with room, prefer node-c: the stale figure makes it look roomiest too.
+            "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100,
+                "preference": {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In",
+                    "values": ["node-c"]}]}}]}}
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let chosen = wait_for("kube-scheduler to select a node for the claim", Duration::from_secs(60), || async {
+        claims.get("roomy").await.ok()?.annotations().get("volume.kubernetes.io/selected-node").cloned()
+    })
+    .await;
+    drop(paused);
+    assert_eq!(chosen, "node-c", "the scheduler followed the stale capacity");
+
     let failed = first_event(&client, "roomy", "ProvisioningFailed", Duration::from_secs(60)).await;
     assert!(failed.contains("node-c") && failed.contains("another node"), "{failed}");
-    selection_cleared(&claims, "roomy", Duration::from_secs(30)).await;
-    let uid = claims.get("roomy").await.unwrap().uid().unwrap();
-    let volumes: Api<plinth_cluster::crd::Volume> = Api::all(client.clone());
-    gone(&volumes, &format!("pvc-{uid}"), "the failed Volume on node-c").await;
-    assert!(bound_volume(&client, "roomy").await.is_none(), "nothing bound on the full node");
-
-    // The scheduler's next choice has room: the claim binds there.
-    select_node(&claims, "roomy", "node-a").await;
-    let pv = wait_for("the claim bound on node-a", Duration::from_secs(90), || bound_volume(&client, "roomy")).await;
-    assert_eq!(pv_node(&pv), "node-a");
+    let pv =
+        wait_for("the claim bound on a node with room", Duration::from_secs(120), || bound_volume(&client, "roomy"))
+            .await;
+    let node = pv_node(&pv);
+    assert!(["node-a", "node-b"].contains(&node.as_str()), "bound on {node}");
+    let placed = wait_for("the pod placed with its volume", Duration::from_secs(60), || async {
+        pods.get("roomy-user").await.ok()?.spec?.node_name
+    })
+    .await;
+    assert_eq!(placed, node, "the pod goes where its volume is");
 }
 
 /// Benchmark, not a timed test: 100 claims created at once (concurrently), and for each the time
