@@ -901,7 +901,8 @@ async fn bench_bind_100_claims() {
         "  reference: OpenEBS hostpath LocalPV bound 100 claims in 95 s (openebs/openebs#4050): ratio {:.1}x",
         95.0 / all_bound.as_secs_f64()
     );
-    let cores = std::env::var("PLINTH_BENCH_CPUS").unwrap_or_else(|_| "2".into());
+    let cores = std::env::var("PLINTH_BENCH_CPUS")
+        .unwrap_or_else(|_| std::thread::available_parallelism().map_or(1, |n| n.get()).to_string());
     println!("  CPU used while binding ({cores} cores), by program:");
     for (program, seconds) in growth(&cpu_before, &cpu_after, 0.05) {
         println!("    {program:<28} {seconds:>6.2} s");
